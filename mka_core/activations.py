@@ -1,0 +1,158 @@
+"""Capturing every layer's activations in one forward pass per batch (SPEC §3).
+
+Forward hooks on the decoder blocks pool each block's output as it is produced, so memory stays
+O(n_layers · n_rows · d_model): the full (batch, seq, d_model) tensors are never kept for all layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import CalibrationBatch
+from .errors import MkaInputError, ProgressFn, report
+from .models import get_layers
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "last", "tokens")
+
+
+@dataclass
+class Activations:
+    """Pooled hidden states of every layer boundary, rows paired across layers.
+
+    states[0] is the input of block 0 (the embeddings as the blocks see them); states[l + 1] is the
+    output of block l. So block l maps states[l] to states[l + 1].
+    """
+
+    states: np.ndarray  # (n_layers + 1, n_rows, d_model) float32
+    sample_ids: np.ndarray  # (n_rows,) which calibration sample each row came from
+    labels: list[str]  # (n_rows,) the document label of each row
+    pooling: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.states.shape[0] - 1
+
+    @property
+    def n_rows(self) -> int:
+        return self.states.shape[1]
+
+    @property
+    def outputs(self) -> np.ndarray:
+        """(n_layers, n_rows, d_model): A[l] of the spec, the output of block l."""
+        return self.states[1:]
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """(n_layers, n_rows, d_model): the input of block l."""
+        return self.states[:-1]
+
+
+def _token_positions(lengths: list[int], k: int, seed: int) -> list[np.ndarray]:
+    """k random real-token positions per sample, drawn once so every layer uses the same ones."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(n, size=min(k, n), replace=False)) for n in lengths]
+
+
+def capture_activations(
+    model: torch.nn.Module,
+    batch: CalibrationBatch,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    tokens_per_sample: int = 8,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> Activations:
+    """Run the calibration batch through `model` once and pool every block boundary.
+
+    pooling: ``mean`` over real tokens, ``last`` real token, or ``tokens`` (``tokens_per_sample``
+    random positions per sample, the same for every layer).
+    """
+    if pooling not in POOLINGS:
+        raise MkaInputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise MkaInputError(f"batch size must be >= 1, got {batch_size}")
+    if pooling == "tokens" and tokens_per_sample < 1:
+        raise MkaInputError(f"tokens per sample must be >= 1, got {tokens_per_sample}")
+    layers = get_layers(model)
+    n_layers = len(layers)
+    device = next(model.parameters()).device
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    positions = _token_positions(lengths, tokens_per_sample, seed) if pooling == "tokens" else None
+
+    n = batch.n_samples
+    rows_of = [len(positions[i]) if positions else 1 for i in range(n)]
+    n_rows = sum(rows_of)
+    starts = np.concatenate([[0], np.cumsum(rows_of)])
+    d_model = int(model.config.hidden_size)
+    states = np.zeros((n_layers + 1, n_rows, d_model), dtype=np.float32)  # (L+1, rows, H)
+
+    current: dict = {}  # the batch being processed: its sample indices and mask
+
+    def pool(h: torch.Tensor) -> np.ndarray:
+        h = h.float()  # (B, T, H)
+        mask = current["mask"]  # (B, T)
+        if pooling == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            out = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H)
+        elif pooling == "last":
+            last = mask.sum(1) - 1  # right padding: last real token
+            out = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+        else:
+            idx = current["tok_idx"]
+            out = h[idx[0], idx[1]]  # (sum k_i, H)
+        return out.cpu().numpy()
+
+    def store(slot: int, h: torch.Tensor) -> None:
+        states[slot, current["row0"] : current["row1"]] = pool(h)
+
+    def pre_hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        store(0, h)
+
+    def make_hook(slot: int):
+        def hook(module, args, output):
+            store(slot, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(make_hook(i + 1)) for i, layer in enumerate(layers)]
+    base = getattr(model, "model", model)  # the decoder without the LM head: no logits needed
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, n, batch_size):
+                b1 = min(n, b0 + batch_size)
+                width = int(max(lengths[b0:b1]))
+                ids = batch.input_ids[b0:b1, :width].to(device)
+                mask = batch.attention_mask[b0:b1, :width].to(device)
+                current.update(mask=mask, row0=int(starts[b0]), row1=int(starts[b1]))
+                if positions is not None:
+                    bi = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
+                    ti = np.concatenate([positions[i] for i in range(b0, b1)])
+                    current["tok_idx"] = (torch.as_tensor(bi, device=device), torch.as_tensor(ti, device=device))
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+                report(progress, b1 / n, f"captured {b1}/{n} samples")
+    finally:
+        for h in handles:
+            h.remove()
+
+    sample_ids = np.repeat(np.arange(n), rows_of)
+    labels = [batch.labels[i] for i in sample_ids]
+    meta = {
+        "n_samples": n,
+        "max_tokens": int(batch.input_ids.shape[1]),
+        "n_tokens": batch.n_tokens,
+        "pooling": pooling,
+        "tokens_per_sample": tokens_per_sample if pooling == "tokens" else None,
+        "seed": seed,
+    }
+    if not np.isfinite(states).all():
+        log.warning("non-finite activations captured; the model may overflow in this dtype")
+    return Activations(states, sample_ids, labels, pooling, meta)

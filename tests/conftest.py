@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random Llama built in code (no network, no GPU, seconds to build)."""
+
+import copy
+import os
+
+import pytest
+
+# keep the tests' converted-model and tokenizer cache out of the user's home when asked to
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A LoadedModel of tiny:llama (6 layers, d_model 64, 4 heads over 2 KV groups). Read-only."""
+    from mka_core.models import load_model
+
+    return load_model("tiny:llama", device="cpu", seed=0)
+
+
+@pytest.fixture()
+def tiny_copy(tiny):
+    """A private deep copy for tests that modify the model."""
+    return copy.deepcopy(tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny):
+    from mka_core.data import builtin_corpus, make_calibration
+
+    calib, _ = builtin_corpus()
+    return make_calibration(tiny.tokenizer, calib, n_samples=24, max_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The real SmolLM2-135M (integration tests only)."""
+    from mka_core.models import load_model
+
+    return load_model("bundled:smollm2-135m", device="cpu")
