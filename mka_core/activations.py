@@ -67,12 +67,16 @@ def capture_activations(
     batch_size: int = 16,
     tokens_per_sample: int = 8,
     seed: int = 0,
+    skip_first: bool = True,
     progress: ProgressFn | None = None,
 ) -> Activations:
     """Run the calibration batch through `model` once and pool every block boundary.
 
     pooling: ``mean`` over real tokens, ``last`` real token, or ``tokens`` (``tokens_per_sample``
     random positions per sample, the same for every layer).
+    skip_first: leave position 0 out of ``mean`` and ``tokens`` pooling. Models put "massive
+    activations" (an attention sink, norms 10-100x the rest) on the first token; left in, that one
+    position dominates every pooled statistic and makes most layers look identical.
     """
     if pooling not in POOLINGS:
         raise MkaInputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
@@ -84,7 +88,13 @@ def capture_activations(
     n_layers = len(layers)
     device = next(model.parameters()).device
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    positions = _token_positions(lengths, tokens_per_sample, seed) if pooling == "tokens" else None
+    first = 1 if skip_first and min(lengths) > 1 else 0
+    positions = None
+    if pooling == "tokens":
+        positions = [
+            p + first
+            for p in _token_positions([n - first for n in lengths], tokens_per_sample, seed)
+        ]
 
     n = batch.n_samples
     rows_of = [len(positions[i]) if positions else 1 for i in range(n)]
@@ -99,7 +109,8 @@ def capture_activations(
         h = h.float()  # (B, T, H)
         mask = current["mask"]  # (B, T)
         if pooling == "mean":
-            m = mask.unsqueeze(-1).to(h.dtype)
+            m = mask.unsqueeze(-1).to(h.dtype).clone()
+            m[:, :first] = 0
             out = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H)
         elif pooling == "last":
             last = mask.sum(1) - 1  # right padding: last real token
@@ -136,7 +147,10 @@ def capture_activations(
                 if positions is not None:
                     bi = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
                     ti = np.concatenate([positions[i] for i in range(b0, b1)])
-                    current["tok_idx"] = (torch.as_tensor(bi, device=device), torch.as_tensor(ti, device=device))
+                    current["tok_idx"] = (
+                        torch.as_tensor(bi, device=device),
+                        torch.as_tensor(ti, device=device),
+                    )
                 base(input_ids=ids, attention_mask=mask, use_cache=False)
                 report(progress, b1 / n, f"captured {b1}/{n} samples")
     finally:
@@ -152,6 +166,7 @@ def capture_activations(
         "pooling": pooling,
         "tokens_per_sample": tokens_per_sample if pooling == "tokens" else None,
         "seed": seed,
+        "skip_first": bool(first),
     }
     if not np.isfinite(states).all():
         log.warning("non-finite activations captured; the model may overflow in this dtype")

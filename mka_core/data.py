@@ -87,7 +87,9 @@ def parse_text(raw: str, name: str, kind: str = "txt") -> list[Document]:
             except json.JSONDecodeError as e:
                 raise MkaInputError(f"{name} line {n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise MkaInputError(f"{name} line {n}: expected an object with a string 'text' field")
+                raise MkaInputError(
+                    f"{name} line {n}: expected an object with a string 'text' field"
+                )
             if obj["text"].strip():
                 docs.append(Document(obj["text"].strip(), f"{name}:{n}"))
     elif kind == "txt":
@@ -115,7 +117,9 @@ def _read_mmlu_csv(path: Path) -> list[MmluItem]:
             answer = row[5].strip().upper()
             if answer not in CHOICES:
                 raise MkaInputError(f"{path.name} row {n}: answer {row[5]!r} is not A, B, C or D")
-            items.append(MmluItem(subject, row[0].strip(), tuple(c.strip() for c in row[1:5]), answer))
+            items.append(
+                MmluItem(subject, row[0].strip(), tuple(c.strip() for c in row[1:5]), answer)
+            )
     return items
 
 
@@ -155,7 +159,9 @@ def mmlu_prompt(item: MmluItem, shots: list[MmluItem]) -> str:
     return head + body + format_question(item)
 
 
-def mmlu_prompts(folder: str | Path, k_shot: int = 0, split: str = "test") -> list[tuple[str, MmluItem]]:
+def mmlu_prompts(
+    folder: str | Path, k_shot: int = 0, split: str = "test"
+) -> list[tuple[str, MmluItem]]:
     """(prompt, item) for every item of `split`, with k-shot examples from dev/ of its subject."""
     if k_shot < 0:
         raise MkaInputError(f"k_shot must be >= 0, got {k_shot}")
@@ -186,7 +192,9 @@ def load_documents(source: str | Path = BUILTIN, split: str = "calibration") -> 
     if p.suffix not in (".txt", ".jsonl"):
         if not p.exists():
             raise MkaInputError(f"data file not found: {p}")
-        raise MkaInputError(f"unsupported data file {p.name}: expected .txt, .jsonl or an MMLU folder")
+        raise MkaInputError(
+            f"unsupported data file {p.name}: expected .txt, .jsonl or an MMLU folder"
+        )
     return load_text_file(p)
 
 

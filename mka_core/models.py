@@ -111,7 +111,9 @@ def pick_dtype(device: str, dtype: str | torch.dtype | None = None) -> torch.dty
         return dtype
     if dtype not in (None, "", "auto"):
         if dtype not in _DTYPES:
-            raise MkaInputError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+            raise MkaInputError(
+                f"unknown dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}"
+            )
         return _DTYPES[dtype]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -148,7 +150,13 @@ def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the config's shape and a few weights: tells models apart, cheaply."""
     cfg = model.config
     h = hashlib.sha256()
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+    ):
         h.update(f"{key}={getattr(cfg, key, None)};".encode())
     emb = model.get_input_embeddings().weight
     h.update(emb[:8, :32].detach().float().cpu().numpy().tobytes())
@@ -235,6 +243,21 @@ def _quiet():
     return contextlib.redirect_stderr(io.StringIO())
 
 
+def strip_quantization(model: nn.Module) -> None:
+    """Forget that a model came from a GGUF: its weights are dequantised floats, and transformers
+    refuses to save (or reloads oddly) a model that still carries the quantizer."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def _finish(model, tokenizer, source, device, dtype) -> LoadedModel:
     get_layers(model)  # refuse unsupported models before anything else uses them
     if tokenizer.pad_token is None:
@@ -276,8 +299,7 @@ def _gguf_cached(gguf: Path, progress: ProgressFn | None):
     report(progress, 0.1, f"dequantising {gguf.name} (first load only, ~15-30 s)")
     with _quiet():
         model, tokenizer = _from_folder(gguf.parent, gguf_file=gguf.name)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # the weights are plain floats now
+    strip_quantization(model)  # the weights are plain floats now
     report(progress, 0.7, f"caching the converted model in {target}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +332,9 @@ def load_model(
         model, tokenizer = build_tiny_model(source.split(":", 1)[1], seed=seed)
     elif source.startswith("bundled:"):
         if source not in BUNDLED:
-            raise MkaInputError(f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}")
+            raise MkaInputError(
+                f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}"
+            )
         model, tokenizer = _gguf_cached(bundled_gguf_path(source), progress)
     else:
         path = Path(source).expanduser()
@@ -320,12 +344,16 @@ def load_model(
             model, tokenizer = _gguf_cached(path, progress)
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise MkaInputError(f"{path} is a folder but has no config.json (not a model folder)")
+                raise MkaInputError(
+                    f"{path} is a folder but has no config.json (not a model folder)"
+                )
             if not any(path.glob("*.safetensors")):
                 raise MkaInputError(f"{path} has no *.safetensors weights (pickle is not read)")
             model, tokenizer = _from_folder(path)
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not path.exists() and not source.startswith(
-            (".", "/")
+        elif (
+            re.fullmatch(r"[\w.-]+/[\w.-]+", source)
+            and not path.exists()
+            and not source.startswith((".", "/"))
         ):
             model, tokenizer = _from_hub(source)
         else:

@@ -1,0 +1,7 @@
+"""`python -m mka_core <command>`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Writing outputs safely: a temporary name renamed into place when complete, never over an
+existing non-empty folder unless asked, never into the folder a model was loaded from (SPEC §10)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import MkaInputError
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False, protect: list[str | Path] = ()) -> Path:
+    """Validate an output folder before any work is done (so long work is never lost at the end)."""
+    out = Path(out).expanduser()
+    for p in protect:
+        p = Path(p).expanduser()
+        if p.exists() and (out.resolve() == p.resolve() or p.resolve() in out.resolve().parents):
+            raise MkaInputError(f"refusing to write into {out}: a model was loaded from {p}")
+    if out.exists() and not out.is_dir():
+        raise MkaInputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MkaInputError(f"output folder {out} exists and is not empty (use --overwrite)")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise MkaInputError(f"parent folder of {out} does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise MkaInputError(f"cannot write into {parent} (permission denied)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    out: str | Path, overwrite: bool = False, protect: list[str | Path] = ()
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out` in one rename."""
+    out = check_out_dir(out, overwrite, protect)
+    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write a small text file through a temporary name."""
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise MkaInputError(f"{path} exists (use --overwrite)")
+    if path.is_dir():
+        raise MkaInputError(f"{path} is a folder, expected a file name")
+    if not path.resolve().parent.is_dir():
+        raise MkaInputError(f"folder of {path} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
