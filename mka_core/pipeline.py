@@ -71,3 +71,374 @@ def analyze(
     )
     report(progress, 1.0, "analysis done")
     return Analysis(batch, acts, sim)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning, compressing, evaluating, exporting: one function per user action
+
+
+RUN_FORMAT = "mka-run"
+
+
+@dataclass
+class Run:
+    """One compression of the original model, evaluated against it.
+
+    `stages` records what was done, in order (a merge plan, a TransAct pass, a heal), so a
+    TransAct pass after an MKA merge (or the reverse) is described in one place."""
+
+    kind: str  # "merge", "transact", "merge+transact", "...+heal"
+    label: str
+    model: object  # the compressed nn.Module (a new model; the original is untouched)
+    tokenizer: object
+    source: str  # the original model's source
+    stages: list  # [{"stage": "merge", "plan": {...}}, {"stage": "transact", "report": {...}}, ...]
+    original: object  # EvalResult of the original model
+    compressed: object  # EvalResult of this model
+    plan: object = None  # the Plan of the merge stage, if any
+    seconds: float = 0.0
+
+    @property
+    def planner(self) -> str:
+        if self.plan is not None:
+            return self.plan.method.get("planner", "?")
+        return self.kind
+
+    def to_row(self) -> dict:
+        """A flat row for the history table."""
+        o, c = self.original, self.compressed
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "planner": self.planner,
+            "alpha": (self.plan.method.get("alpha") if self.plan is not None else None),
+            "layers": c.n_layers,
+            "layers_removed": o.n_layers - c.n_layers,
+            "params": c.params,
+            "params_removed_pct": 100.0 * (1 - c.params / o.params),
+            "perplexity": c.perplexity,
+            "perplexity_original": o.perplexity,
+            "kl": c.kl,
+            "top1": c.top1,
+            "decode_tps": c.decode_tps,
+            "healed": any(s["stage"] == "heal" for s in self.stages),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "format": RUN_FORMAT,
+            "version": 1,
+            "source": self.source,
+            "kind": self.kind,
+            "label": self.label,
+            "stages": self.stages,
+            "original": self.original.to_dict(),
+            "compressed": self.compressed.to_dict(),
+        }
+
+
+def read_run_record(folder) -> dict | None:
+    """The mka-run.json that `export_run` writes beside a compressed model, if any."""
+    import json
+    from pathlib import Path
+
+    p = Path(folder).expanduser() / "mka-run.json"
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return d if isinstance(d, dict) and d.get("format") == RUN_FORMAT else None
+
+
+def make_budget_plan(
+    loaded: LoadedModel,
+    analysis: Analysis,
+    planner: str = "mka",
+    n_remove: int | None = None,
+    ratio: float | None = None,
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    protect_first: bool = True,
+    protect_last: bool = True,
+    recompute: bool = False,
+    progress: ProgressFn | None = None,
+):
+    """A plan removing a number of layers (or a compression ratio = removed / original)."""
+    from .plan import layers_to_remove
+    from .planners import plan_layers
+
+    n = layers_to_remove(
+        loaded.n_layers,
+        remove=n_remove,
+        ratio=ratio,
+        protect_first=protect_first,
+        protect_last=protect_last,
+    )
+    return plan_layers(
+        loaded,
+        analysis.similarity,
+        analysis.batch,
+        planner=planner,
+        n_remove=n,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        protect_first=protect_first,
+        protect_last=protect_last,
+        recompute=recompute,
+        progress=progress,
+    )
+
+
+def make_manual_plan(
+    loaded: LoadedModel,
+    analysis: Analysis | None,
+    picks: list[dict],
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+):
+    """A plan from the user's picks ({"op": "merge"|"drop", "layers": [...]}), in order."""
+    from .planners import manual_plan
+
+    return manual_plan(
+        loaded,
+        analysis.similarity if analysis is not None else None,
+        picks,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        batch=analysis.batch if analysis is not None else None,
+    )
+
+
+def eval_windows(
+    loaded: LoadedModel, eval_data=BUILTIN, budget_tokens: int = 8192, window: int = 512
+):
+    from .data import make_eval_windows
+
+    docs = load_documents(eval_data, "evaluation") if isinstance(eval_data, str) else eval_data
+    return make_eval_windows(loaded.tokenizer, docs, budget_tokens=budget_tokens, window=window)
+
+
+def _evaluate_pair(
+    loaded,
+    model,
+    label,
+    eval_data,
+    budget_tokens,
+    window,
+    with_speed,
+    with_generations,
+    mmlu_folder,
+    progress,
+):
+    from .evaluate import compare
+
+    windows = eval_windows(loaded, eval_data, budget_tokens, window)
+    return compare(
+        loaded,
+        model,
+        windows,
+        tokenizer=loaded.tokenizer,
+        label=label,
+        original_label=loaded.source,
+        with_speed=with_speed,
+        with_generations=with_generations,
+        mmlu_folder=mmlu_folder,
+        meta={"eval_data": eval_data if isinstance(eval_data, str) else "documents"},
+        progress=progress,
+    )
+
+
+def run_plan(
+    loaded: LoadedModel,
+    plan,
+    eval_data=BUILTIN,
+    budget_tokens: int = 8192,
+    window: int = 512,
+    with_speed: bool = True,
+    with_generations: bool = True,
+    mmlu_folder=None,
+    label: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Run:
+    """Apply a plan to a copy of the model and evaluate it against the original."""
+    from .merge import apply_plan
+    from .plan import check_fingerprint
+
+    t0 = time.perf_counter()
+    warning = check_fingerprint(plan, loaded)
+    if warning:
+        log.warning(warning)
+    model = apply_plan(loaded.model, plan, progress=_scaled(progress, 0.0, 0.1))
+    label = label or f"{plan.method.get('planner', 'plan')} -{plan.n_removed} layers"
+    orig, comp = _evaluate_pair(
+        loaded,
+        model,
+        label,
+        eval_data,
+        budget_tokens,
+        window,
+        with_speed,
+        with_generations,
+        mmlu_folder,
+        _scaled(progress, 0.1, 1.0),
+    )
+    return Run(
+        kind="merge",
+        label=label,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        source=loaded.source,
+        stages=[{"stage": "merge", "plan": plan.to_dict()}],
+        original=orig,
+        compressed=comp,
+        plan=plan,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def run_transact(
+    loaded: LoadedModel,
+    batch: CalibrationBatch,
+    mlp_keep: float = 1.0,
+    heads_keep: float = 1.0,
+    shots: int = 4,
+    base: Run | None = None,
+    eval_data=BUILTIN,
+    budget_tokens: int = 8192,
+    window: int = 512,
+    with_speed: bool = True,
+    with_generations: bool = True,
+    label: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[Run, object]:
+    """TransAct pruning of the original model (or of `base`, an earlier run such as a merge),
+    evaluated against the original. Returns the run and the TransAct report (with scores)."""
+    from .transact import prune
+
+    t0 = time.perf_counter()
+    start = base.model if base is not None else loaded.model
+    model, rep = prune(
+        start,
+        batch,
+        mlp_keep=mlp_keep,
+        heads_keep=heads_keep,
+        shots=shots,
+        progress=_scaled(progress, 0.0, 0.5),
+    )
+    kind = f"{base.kind}+transact" if base is not None else "transact"
+    label = label or f"transact mlp {mlp_keep:g} heads {heads_keep:g}" + (
+        f" after {base.label}" if base is not None else ""
+    )
+    orig, comp = _evaluate_pair(
+        loaded,
+        model,
+        label,
+        eval_data,
+        budget_tokens,
+        window,
+        with_speed,
+        with_generations,
+        None,
+        _scaled(progress, 0.5, 1.0),
+    )
+    stages = (list(base.stages) if base is not None else []) + [
+        {
+            "stage": "transact",
+            "mlp_keep": mlp_keep,
+            "heads_keep": heads_keep,
+            "shots": shots,
+            "report": _report_summary(rep),
+        }
+    ]
+    run = Run(
+        kind,
+        label,
+        model,
+        loaded.tokenizer,
+        loaded.source,
+        stages,
+        orig,
+        comp,
+        plan=base.plan if base is not None else None,
+        seconds=time.perf_counter() - t0,
+    )
+    return run, rep
+
+
+def _report_summary(rep) -> dict:
+    """A TransAct report without its (large) per-unit scores."""
+    d = rep.to_dict()
+    return {k: v for k, v in d.items() if "score" not in k}
+
+
+def run_heal(
+    loaded: LoadedModel,
+    run: Run,
+    batch: CalibrationBatch,
+    steps: int = 100,
+    lr: float = 1e-4,
+    eval_data=BUILTIN,
+    budget_tokens: int = 8192,
+    window: int = 512,
+    with_speed: bool = True,
+    with_generations: bool = True,
+    progress: ProgressFn | None = None,
+) -> tuple[Run, object]:
+    """A short fine-tune of a compressed model on calibration text, evaluated again."""
+    from .heal import heal
+
+    t0 = time.perf_counter()
+    model, rep = heal(
+        run.model, loaded.tokenizer, batch, steps=steps, lr=lr, progress=_scaled(progress, 0.0, 0.6)
+    )
+    label = f"{run.label} +heal{steps}"
+    orig, comp = _evaluate_pair(
+        loaded,
+        model,
+        label,
+        eval_data,
+        budget_tokens,
+        window,
+        with_speed,
+        with_generations,
+        None,
+        _scaled(progress, 0.6, 1.0),
+    )
+    heal_info = rep.to_dict()
+    heal_info["perplexity_before"] = run.compressed.perplexity
+    heal_info["perplexity_after"] = comp.perplexity
+    stages = list(run.stages) + [{"stage": "heal", "report": heal_info}]
+    healed = Run(
+        f"{run.kind}+heal",
+        label,
+        model,
+        loaded.tokenizer,
+        loaded.source,
+        stages,
+        orig,
+        comp,
+        plan=run.plan,
+        seconds=run.seconds + time.perf_counter() - t0,
+    )
+    return healed, rep
+
+
+def export_run(run: Run, out_dir, overwrite: bool = False, loaded_from=None):
+    """Save the compressed model as a folder plain transformers loads (plus plan.json when the
+    run has a merge plan, and mka-run.json with every stage and both evaluations)."""
+    import json
+
+    from .export import save_model
+
+    return save_model(
+        run.model,
+        run.tokenizer,
+        out_dir,
+        plan=run.plan,
+        overwrite=overwrite,
+        loaded_from=loaded_from,
+        extra_files={"mka-run.json": json.dumps(run.to_dict(), indent=2)},
+    )

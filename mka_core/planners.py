@@ -1,0 +1,471 @@
+"""Planners: from similarity (and, for some, a few forward passes) to a Plan (SPEC §6).
+
+| planner   | picks                                                | does              |
+|-----------|------------------------------------------------------|-------------------|
+| mka       | adjacent pair of groups with the highest NPIB       | merge (α rule)    |
+| mka-tail  | always the last two (unprotected) layers             | merge (α rule)    |
+| shortgpt  | lowest Block Influence                               | drop              |
+| angular   | n consecutive layers with the smallest angular dist. | drop              |
+| laco      | top-down RDSC collapse kept while cos(final h) ≥ T   | collapse          |
+| manual    | the user's picks                                     | merge / drop      |
+
+Planners only read the model (never change it): the `search` α rule and LaCo score candidates on
+light "views" that share every unchanged block with the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .activations import capture_activations
+from .data import CalibrationBatch
+from .errors import MkaInputError, ProgressFn, report
+from .manifold import diffusion_maps
+from .merge import _merge_into, _update_config
+from .models import LoadedModel, get_layers
+from .plan import Plan, Step, compose, layers_to_remove, make_plan, protected_layers
+from .similarity import SimilarityResult, cluster_codes, npib_from_codes
+
+log = logging.getLogger(__name__)
+
+PLANNERS = ("mka", "mka-tail", "shortgpt", "angular", "laco")
+ALPHA_RULES = ("similarity", "rowmean", "fixed", "search")
+SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo merges
+
+
+# ---------------------------------------------------------------------------------------------
+# light views of a model under a composition (no deep copy of unchanged blocks)
+
+
+def model_view(model: nn.Module, composition: list[list[tuple[int, float]]]) -> nn.Module:
+    """A model that runs `composition` of `model`'s blocks for scoring (no KV cache).
+
+    Unchanged blocks are shared with `model`, merged ones are new; `model` itself is not modified.
+    Use it read-only: it is for forward passes inside a planner, not for export.
+    """
+    old = list(get_layers(model))
+    blocks = []
+    for group in composition:
+        if len(group) == 1:
+            blocks.append(old[group[0][0]])
+        else:
+            srcs = [i for i, _ in group]
+            # _merge_into overwrites its first block: give it a private copy
+            parts = [copy.deepcopy(old[srcs[0]])] + [old[i] for i in srcs[1:]]
+            blocks.append(_merge_into(parts, [w for _, w in group], srcs))
+    outer = copy.copy(model)
+    outer._modules = dict(model._modules)
+    inner = copy.copy(model.model)
+    inner._modules = dict(model.model._modules)
+    inner._modules["layers"] = nn.ModuleList(blocks)
+    cfg = copy.deepcopy(model.config)
+    _update_config(cfg, [g[0][0] for g in composition], len(old))
+    cfg.num_hidden_layers = len(blocks)
+    inner.config = cfg
+    outer.config = cfg
+    outer._modules["model"] = inner
+    return outer
+
+
+def _subset(batch: CalibrationBatch, n: int) -> CalibrationBatch:
+    """The first `n` samples, spread over the batch (the batch is already spread over the data)."""
+    n = min(n, batch.n_samples)
+    idx = [(i * batch.n_samples) // n for i in range(n)]
+    return CalibrationBatch(
+        batch.input_ids[idx],
+        batch.attention_mask[idx],
+        [batch.doc_index[i] for i in idx],
+        [batch.labels[i] for i in idx],
+    )
+
+
+@torch.inference_mode()
+def calibration_loss(model: nn.Module, batch: CalibrationBatch) -> float:
+    """Mean next-token cross-entropy on the calibration samples (padding ignored)."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    return float(out.loss)
+
+
+@torch.inference_mode()
+def final_hidden(model: nn.Module, batch: CalibrationBatch) -> torch.Tensor:
+    """Final (normed) hidden states of the real tokens: (n_tokens, d_model)."""
+    device = next(model.parameters()).device
+    mask = batch.attention_mask.to(device)
+    out = model.model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+    return out.last_hidden_state[mask.bool()].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# groups (the current output layers as lists of original indices)
+
+
+@dataclass
+class _State:
+    n_layers: int
+    steps: list[Step]
+
+    @property
+    def groups(self) -> list[list[int]]:
+        return [[i for i, _ in g] for g in compose(self.n_layers, self.steps)]
+
+    @property
+    def composition(self):
+        return compose(self.n_layers, self.steps)
+
+
+def _allowed(group: list[int], protected: set[int]) -> bool:
+    return not protected.intersection(group)
+
+
+def _alpha(
+    rule: str,
+    s: np.ndarray,
+    a: list[int],
+    b: list[int],
+    fixed: float,
+    search=None,
+) -> float:
+    """Weight of group a (1 − α goes to b). Groups are represented by their last layer."""
+    la, lb = a[-1], b[-1]
+    if rule == "similarity":
+        return float(s[la, lb])
+    if rule == "rowmean":
+        ra, rb = s[la].mean(), s[lb].mean()
+        return float(1.0 / (1.0 + math.exp(-(ra / (ra + rb)))))
+    if rule == "fixed":
+        return float(fixed)
+    return float(search(a, b))
+
+
+def _golden_search(f, lo: float = 0.0, hi: float = 1.0, tol: float = 0.05) -> tuple[float, float]:
+    """Minimise f on [lo, hi] by golden-section, also trying both ends (α = 1 is dropping b, so
+    the result is never worse than dropping on the data f measures). Returns (x, f(x))."""
+    inv = (math.sqrt(5) - 1) / 2
+    c, d = hi - inv * (hi - lo), lo + inv * (hi - lo)
+    fc, fd = f(c), f(d)
+    while hi - lo > tol:
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - inv * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + inv * (hi - lo)
+            fd = f(d)
+    best = min([(c, fc), (d, fd), (1.0, f(1.0)), (0.0, f(0.0))], key=lambda p: p[1])
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# the planners
+
+
+def _check_common(loaded: LoadedModel, sim: SimilarityResult, alpha_rule: str, alpha: float):
+    n = loaded.n_layers
+    if sim.n_layers != n:
+        raise MkaInputError(
+            f"the similarity result covers {sim.n_layers} layers but the model has {n}: "
+            f"capture activations on this model first"
+        )
+    if alpha_rule not in ALPHA_RULES:
+        raise MkaInputError(
+            f"unknown alpha rule {alpha_rule!r}; expected one of {', '.join(ALPHA_RULES)}"
+        )
+    if alpha_rule == "fixed" and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise MkaInputError(f"fixed alpha must be a number in [0, 1], got {alpha!r}")
+
+
+def plan_layers(
+    loaded: LoadedModel,
+    sim: SimilarityResult,
+    batch: CalibrationBatch | None,
+    planner: str = "mka",
+    n_remove: int = 1,
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    protect_first: bool = True,
+    protect_last: bool = True,
+    recompute: bool = False,
+    laco_layers: int = 4,
+    laco_threshold: float = 0.9,
+    progress: ProgressFn | None = None,
+) -> Plan:
+    """Plan the removal of `n_remove` layers with one of PLANNERS (see the module docstring)."""
+    if planner not in PLANNERS:
+        raise MkaInputError(f"unknown planner {planner!r}; expected one of {', '.join(PLANNERS)}")
+    _check_common(loaded, sim, alpha_rule, alpha)
+    n = loaded.n_layers
+    n_remove = layers_to_remove(
+        n, remove=n_remove, protect_first=protect_first, protect_last=protect_last
+    )
+    needs_batch = alpha_rule == "search" or planner == "laco" or (planner == "mka" and recompute)
+    if needs_batch and batch is None:
+        raise MkaInputError(
+            f"planner {planner} with alpha rule {alpha_rule} needs calibration data"
+        )
+    protected = protected_layers(n, protect_first, protect_last)
+    small = _subset(batch, SEARCH_SAMPLES) if batch is not None else None
+    params = {
+        "n_remove": n_remove,
+        "protect_first": protect_first,
+        "protect_last": protect_last,
+        "similarity_params": {
+            k: sim.params.get(k) for k in ("n_samples", "max_tokens", "pooling", "k", "d")
+        },
+    }
+    if alpha_rule == "fixed":
+        params["alpha"] = alpha
+    if planner == "mka":
+        params["recompute"] = recompute
+        steps = _plan_mka(
+            loaded, sim, small, n_remove, alpha_rule, alpha, protected, recompute, batch, progress
+        )
+        similarity = "npib"
+    elif planner == "mka-tail":
+        steps = _plan_tail(loaded, sim, small, n_remove, alpha_rule, alpha, protected, progress)
+        similarity = "npib"
+    elif planner == "shortgpt":
+        steps = _plan_shortgpt(sim, n_remove, protected)
+        similarity, alpha_rule = "bi", None
+    elif planner == "angular":
+        steps = _plan_angular(sim, n_remove, protected)
+        similarity, alpha_rule = "angular", None
+    else:
+        params.update(laco_layers=laco_layers, laco_threshold=laco_threshold)
+        steps, used = _plan_laco(
+            loaded, small, n_remove, protected, laco_layers, laco_threshold, progress
+        )
+        params["laco_threshold_used"] = used
+        similarity, alpha_rule = "final-hidden-cosine", None
+    report(progress, 1.0, f"{planner}: plan removes {n_remove} of {n} layers")
+    method = {"planner": planner, "similarity": similarity, "alpha": alpha_rule, "params": params}
+    return make_plan(loaded, steps, method)
+
+
+def _merge_search(loaded, state: _State, small):
+    """The α that minimises calibration loss for merging groups a and b given the steps so far."""
+
+    def search(a: list[int], b: list[int]) -> float:
+        def loss(x: float) -> float:
+            steps = state.steps + [Step.merge([a[0], b[0]], [x, 1.0 - x])]
+            return calibration_loss(model_view(loaded.model, compose(state.n_layers, steps)), small)
+
+        x, fx = _golden_search(loss)
+        log.info("alpha search for %s+%s: alpha=%.3f loss=%.4f", a, b, x, fx)
+        return x
+
+    return search
+
+
+def _npib_of(model: nn.Module, batch: CalibrationBatch, sim: SimilarityResult) -> np.ndarray:
+    """NPIB recomputed on a (merged) model with the original analysis' settings."""
+    p = sim.params
+    acts = capture_activations(
+        model, batch, pooling=p.get("pooling", "mean"), seed=p.get("seed", 0)
+    )
+    maps = diffusion_maps(
+        acts.outputs, d=p.get("d", 4), t=p.get("t", 1.0), alpha=p.get("alpha", 0.5)
+    )
+    return npib_from_codes(cluster_codes([m.embedding for m in maps], k=p.get("k_requested", 8)))
+
+
+def _plan_mka(loaded, sim, small, n_remove, rule, fixed, protected, recompute, batch, progress):
+    state = _State(loaded.n_layers, [])
+    s_orig = sim.matrices["npib"]
+    s_cur = None  # NPIB over the current output layers, when recomputing
+    search = _merge_search(loaded, state, small) if rule == "search" else None
+    for r in range(n_remove):
+        groups = state.groups
+        best = None
+        for j in range(len(groups) - 1):
+            a, b = groups[j], groups[j + 1]
+            if not (_allowed(a, protected) and _allowed(b, protected)):
+                continue
+            score = s_cur[j, j + 1] if s_cur is not None else s_orig[a[-1], b[-1]]
+            if best is None or score > best[0]:
+                best = (float(score), j, a, b)
+        if best is None:
+            raise MkaInputError(f"mka: no mergeable adjacent pair left after {r} merges")
+        score, j, a, b = best
+        s_for_alpha = s_orig if s_cur is None else _expand(s_cur, groups, loaded.n_layers)
+        x = _alpha(rule, s_for_alpha, a, b, fixed, search)
+        x = min(max(x, 0.0), 1.0)
+        state.steps.append(Step.merge([a[0], b[0]], [x, 1.0 - x], score=score))
+        report(
+            progress,
+            (r + 1) / n_remove,
+            f"mka: merged layers {a}+{b} (NPIB {score:.3f}, α {x:.2f})",
+        )
+        if recompute and r + 1 < n_remove:
+            view = model_view(loaded.model, state.composition)
+            s_cur = _npib_of(view, batch, sim)
+    return state.steps
+
+
+def _expand(s_cur: np.ndarray, groups: list[list[int]], n: int) -> np.ndarray:
+    """A recomputed group×group matrix indexed by original layers (each group by its members)."""
+    out = np.zeros((n, n))
+    for gi, a in enumerate(groups):
+        for gj, b in enumerate(groups):
+            out[np.ix_(a, b)] = s_cur[gi, gj]
+    return out
+
+
+def _plan_tail(loaded, sim, small, n_remove, rule, fixed, protected, progress):
+    """The released MKA code's rule: merge the last two layers, again and again."""
+    state = _State(loaded.n_layers, [])
+    s = sim.matrices["npib"]
+    search = _merge_search(loaded, state, small) if rule == "search" else None
+    for r in range(n_remove):
+        groups = [g for g in state.groups if _allowed(g, protected)]
+        if len(groups) < 2:
+            raise MkaInputError(f"mka-tail: no two unprotected layers left after {r} merges")
+        a, b = groups[-2], groups[-1]
+        x = min(max(_alpha(rule, s, a, b, fixed, search), 0.0), 1.0)
+        state.steps.append(Step.merge([a[0], b[0]], [x, 1.0 - x], score=float(s[a[-1], b[-1]])))
+        report(progress, (r + 1) / n_remove, f"mka-tail: merged layers {a}+{b} (α {x:.2f})")
+    return state.steps
+
+
+def _plan_shortgpt(sim, n_remove, protected):
+    order = [i for i in np.argsort(sim.bi, kind="stable") if int(i) not in protected][:n_remove]
+    return [
+        Step.drop([int(i)], score=float(sim.bi[i])) for i in sorted(order, key=lambda i: sim.bi[i])
+    ]
+
+
+def _plan_angular(sim, n_remove, protected):
+    if n_remove == 0:
+        return []
+    scores = sim.block_scores(n_remove)
+    starts = [i for i in range(len(scores)) if not protected.intersection(range(i, i + n_remove))]
+    if not starts:
+        raise MkaInputError(f"angular: no run of {n_remove} unprotected consecutive layers")
+    best = min(starts, key=lambda i: scores[i])
+    return [Step.drop(list(range(best, best + n_remove)), score=float(scores[best]))]
+
+
+def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress):
+    """Layer Collapse (Yang et al. 2024), top down: try collapsing the m following layers into
+    layer l (θ_l + Σ(θ_{l+k} − θ_l), original weights), keep it when the cosine of the final
+    hidden states to the original model's stays ≥ threshold, then continue below the collapsed
+    range. If a full pass does not reach the budget, the threshold is lowered by 0.05 and the
+    search goes on from the top (LaCo itself may stop short; a budget must be met to compare)."""
+    if n_remove == 0:
+        return [], threshold
+    if m_layers < 1:
+        raise MkaInputError(f"laco: layers merged per collapse must be >= 1, got {m_layers}")
+    n = loaded.n_layers
+    ref = final_hidden(loaded.model, small)
+    steps: list[Step] = []
+    removed = 0
+    t = threshold
+    tries = 0
+    while removed < n_remove:
+        used = {i for s in steps for i in s.layers}
+        accepted = False
+        start = n - 2
+        while start >= 0 and removed < n_remove:
+            m = min(m_layers, n_remove - removed)
+            rng = list(range(start, start + m + 1))
+            if rng[-1] >= n or protected.intersection(rng) or used.intersection(rng):
+                start -= 1
+                continue
+            cand = steps + [Step.collapse(rng)]
+            h = final_hidden(model_view(loaded.model, compose(n, cand)), small)
+            cos = float(torch.nn.functional.cosine_similarity(h, ref, dim=-1).mean())
+            tries += 1
+            report(
+                progress,
+                removed / n_remove,
+                f"laco: layers {rng[0]}-{rng[-1]} cos {cos:.3f} (T {t:.2f})",
+            )
+            if cos >= t:
+                steps = cand
+                used.update(rng)
+                removed += m
+                accepted = True
+                start = rng[0] - 1  # continue below the collapsed range
+            else:
+                start -= 1
+        if removed < n_remove and not accepted:
+            t -= 0.05
+            if t < -1:
+                raise MkaInputError(f"laco: cannot find {n_remove} layers to collapse")
+    log.info("laco: %d candidates tried, final threshold %.2f", tries, t)
+    return steps, round(t, 4)
+
+
+def manual_plan(
+    loaded: LoadedModel,
+    sim: SimilarityResult | None,
+    picks: list[dict],
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    batch: CalibrationBatch | None = None,
+) -> Plan:
+    """The user's picks, in order: {"op": "merge"|"drop", "layers": [...], "weights": optional}.
+
+    A merge of two groups without weights gets its α from `alpha_rule` (NPIB of the analysis);
+    a merge of more groups without weights is uniform."""
+    if not isinstance(picks, list) or not picks:
+        raise MkaInputError("manual plan: pick at least one merge or drop")
+    n = loaded.n_layers
+    if alpha_rule in ("similarity", "rowmean"):
+        if sim is None:
+            raise MkaInputError(
+                f"alpha rule {alpha_rule} needs a similarity analysis of this model"
+            )
+        _check_common(loaded, sim, alpha_rule, alpha)
+    elif alpha_rule not in ALPHA_RULES:
+        raise MkaInputError(
+            f"unknown alpha rule {alpha_rule!r}; expected one of {', '.join(ALPHA_RULES)}"
+        )
+    state = _State(n, [])
+    search = None
+    if alpha_rule == "search":
+        if batch is None:
+            raise MkaInputError("alpha rule search needs calibration data")
+        search = _merge_search(loaded, state, _subset(batch, SEARCH_SAMPLES))
+    for i, pick in enumerate(picks):
+        if not isinstance(pick, dict) or pick.get("op") not in ("merge", "drop"):
+            raise MkaInputError(f"picks[{i}]: expected {{'op': 'merge'|'drop', 'layers': [...]}}")
+        layers = pick.get("layers")
+        if not isinstance(layers, list | tuple) or not layers:
+            raise MkaInputError(f"picks[{i}].layers: expected a non-empty list of layer indices")
+        if pick["op"] == "drop":
+            step = Step.drop(list(layers))
+        else:
+            if len(layers) < 2:
+                raise MkaInputError(f"picks[{i}]: a merge needs at least two layers")
+            weights = pick.get("weights")
+            if weights is None and len(layers) == 2:
+                ga = next(g for g in state.groups if layers[0] in g)
+                gb = next(g for g in state.groups if layers[1] in g)
+                s = sim.matrices["npib"] if sim is not None else None
+                x = _alpha(alpha_rule, s, ga, gb, alpha, search)
+                weights = [min(max(x, 0.0), 1.0), 1.0 - min(max(x, 0.0), 1.0)]
+            elif weights is None:
+                weights = [1.0 / len(layers)] * len(layers)
+            step = Step.merge(list(layers), list(weights))
+        compose(n, state.steps + [step])  # validate now, naming the pick
+        state.steps.append(step)
+    params = {"picks": picks}
+    if alpha_rule == "fixed":
+        params["alpha"] = alpha
+    method = {"planner": "manual", "similarity": "npib", "alpha": alpha_rule, "params": params}
+    return make_plan(loaded, state.steps, method)
+
+
+__all__ = ["PLANNERS", "ALPHA_RULES", "plan_layers", "manual_plan", "model_view", "Plan"]
