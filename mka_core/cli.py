@@ -132,33 +132,377 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _windows(args, loaded):
+    from .pipeline import eval_windows
+
+    return eval_windows(loaded, args.eval_data, budget_tokens=args.budget, window=args.window)
+
+
 def cmd_evaluate(args) -> int:
-    from .data import load_documents, make_eval_windows
-    from .evaluate import evaluate_model, save_results
+    """One model alone, or (when it was written by this tool, or --reference is given) against
+    the original it was compressed from: then KL and top-1 agreement too."""
+    from .evaluate import compare, evaluate_model, save_results
+    from .pipeline import read_run_record
 
     progress = Progress(args.quiet)
+    reference = args.reference
+    if reference is None and not args.no_reference:
+        record = read_run_record(args.model) if Path(args.model).is_dir() else None
+        plan_file = Path(args.model) / "plan.json"
+        if record:
+            reference = record.get("source")
+        elif plan_file.is_file():
+            from .plan import Plan
+
+            reference = Plan.load(plan_file).model.source
+    if args.plan:
+        from .plan import Plan
+
+        plan = Plan.load(args.plan)  # fail on a bad plan before loading anything
     loaded = _load(args, progress)
-    docs = load_documents(args.eval_data, "evaluation")
-    windows = make_eval_windows(
-        loaded.tokenizer, docs, budget_tokens=args.budget, window=args.window
-    )
-    result = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        windows,
-        label=args.model,
+    model, label = loaded.model, args.model
+    if args.plan:
+        from .merge import apply_plan
+        from .plan import check_fingerprint
+
+        warning = check_fingerprint(plan, loaded)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        reference = reference or args.model
+        model = apply_plan(loaded.model, plan)
+        label = f"{args.model} + {args.plan}"
+    windows = _windows(args, loaded)
+    common = dict(
         with_speed=not args.no_speed,
         with_generations=not args.no_generations,
         mmlu_folder=args.mmlu,
         meta={"model": args.model, "eval_data": args.eval_data},
         progress=progress,
     )
-    if args.out:
-        save_results(args.out, [result])
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+    if reference and not args.no_reference:
+        from .models import load_model
+
+        if args.plan and reference == args.model:
+            ref = loaded
+        else:
+            ref = load_model(reference, device=loaded.device, dtype=args.dtype, seed=args.seed)
+        results = list(
+            compare(
+                ref,
+                model,
+                windows,
+                tokenizer=loaded.tokenizer,
+                label=label,
+                original_label=reference,
+                **common,
+            )
+        )
     else:
-        _print_table([result.to_dict()])
+        results = [evaluate_model(model, loaded.tokenizer, windows, label=label, **common)]
+    if args.out:
+        save_results(args.out, results)
+    compressed = results[-1].to_dict()
+    if len(results) == 2:
+        compressed["original"] = results[0].to_dict()
+    if args.json:
+        print(json.dumps(compressed, indent=2))
+    else:
+        _print_table([r.to_dict() for r in results])
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .files import write_text_atomic
+    from .pipeline import analyze, make_budget_plan, make_manual_plan
+
+    progress = Progress(args.quiet)
+    given = [x for x in (args.layers_to_remove, args.ratio, args.target_layers) if x is not None]
+    if args.picks is None and len(given) != 1:
+        raise MkaInputError(
+            "give exactly one budget: --layers-to-remove N, --ratio R or --target-layers N "
+            "(or --picks for a manual plan)"
+        )
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MkaInputError(f"{out} exists (use --overwrite)")
+    picks = _parse_picks(args.picks) if args.picks else None
+    loaded = _load(args, progress)
+    analysis = None
+    if args.planner != "manual" or args.alpha in ("similarity", "rowmean", "search"):
+        analysis = analyze(
+            loaded,
+            data=args.data,
+            n_samples=args.samples,
+            max_tokens=args.tokens,
+            pooling=args.pooling,
+            seed=args.seed,
+            progress=progress,
+        )
+    if picks is not None:
+        plan = make_manual_plan(
+            loaded, analysis, picks, alpha_rule=args.alpha, alpha=args.alpha_value
+        )
+    else:
+        n_remove = args.layers_to_remove
+        if args.target_layers is not None:
+            n_remove = loaded.n_layers - args.target_layers
+            if n_remove < 0:
+                raise MkaInputError(
+                    f"--target-layers {args.target_layers} is more than the "
+                    f"model's {loaded.n_layers} layers"
+                )
+        plan = make_budget_plan(
+            loaded,
+            analysis,
+            planner=args.planner,
+            n_remove=n_remove,
+            ratio=args.ratio,
+            alpha_rule=args.alpha,
+            alpha=args.alpha_value,
+            protect_first=not args.no_protect_first,
+            protect_last=not args.no_protect_last,
+            recompute=args.recompute,
+            progress=progress,
+        )
+    write_text_atomic(
+        out, plan.to_json() if hasattr(plan, "to_json") else json.dumps(plan.to_dict())
+    )
+    print(
+        json.dumps(
+            {
+                "plan": str(out),
+                "planner": plan.method["planner"],
+                "layers_removed": plan.n_removed,
+                "layers_out": plan.n_layers_out,
+                "compression_ratio": plan.compression_ratio,
+                "steps": [st.to_dict() for st in plan.steps],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _parse_picks(text: str) -> list[dict]:
+    """`merge:3,4;drop:7` → [{"op": "merge", "layers": [3, 4]}, {"op": "drop", "layers": [7]}]."""
+    picks = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        op, _, rest = part.partition(":")
+        if op not in ("merge", "drop") or not rest:
+            raise MkaInputError(f"--picks: {part!r} is not op:layers (e.g. merge:3,4 or drop:7)")
+        try:
+            layers = [int(x) for x in rest.split(",")]
+        except ValueError:
+            raise MkaInputError(
+                f"--picks: {rest!r} is not a comma-separated list of layers"
+            ) from None
+        picks.append({"op": op, "layers": layers})
+    if not picks:
+        raise MkaInputError("--picks is empty")
+    return picks
+
+
+def cmd_apply(args) -> int:
+    from .files import check_out_dir
+    from .merge import apply_plan
+    from .pipeline import Run
+    from .plan import Plan, check_fingerprint
+
+    progress = Progress(args.quiet)
+    plan = Plan.load(args.plan)  # a malformed plan fails here, before any model is loaded
+    model_source = args.model or plan.model.source
+    check_out_dir(args.out, args.overwrite, protect=[model_source])
+    args.model = model_source
+    loaded = _load(args, progress)
+    warning = check_fingerprint(plan, loaded)
+    if warning:
+        if plan.model.num_layers != loaded.n_layers or not args.force:
+            raise MkaInputError(
+                f"{warning} (use --force to apply anyway)"
+                if plan.model.num_layers == loaded.n_layers
+                else warning
+            )
+        print(f"warning: {warning}", file=sys.stderr)
+    model = apply_plan(loaded.model, plan, progress=progress)
+    stages = [{"stage": "merge", "plan": plan.to_dict()}]
+    run = Run(
+        "merge",
+        f"{plan.method.get('planner')} -{plan.n_removed}",
+        model,
+        loaded.tokenizer,
+        loaded.source,
+        stages,
+        None,
+        None,
+        plan=plan,
+    )
+    out = _export(run, args, loaded)
+    print(
+        json.dumps(
+            {"out": str(out), "layers": plan.n_layers_out, "layers_removed": plan.n_removed},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _export(run, args, loaded):
+    """Write the run's model folder; without evaluations, mka-run.json records the stages only."""
+    from .pipeline import export_run
+
+    if run.original is None:
+        from .export import save_model
+
+        record = {
+            "format": "mka-run",
+            "version": 1,
+            "source": run.source,
+            "kind": run.kind,
+            "label": run.label,
+            "stages": run.stages,
+        }
+        return save_model(
+            run.model,
+            run.tokenizer,
+            args.out,
+            plan=run.plan,
+            overwrite=args.overwrite,
+            loaded_from=_local(args.model),
+            extra_files={"mka-run.json": json.dumps(record, indent=2)},
+        )
+    return export_run(run, args.out, overwrite=args.overwrite, loaded_from=_local(args.model))
+
+
+def _local(source: str):
+    p = Path(source).expanduser()
+    return str(p if p.is_dir() else p.parent) if p.exists() else None
+
+
+def _prior_record(source: str) -> tuple[str, list]:
+    """The original source and earlier stages when the input model was written by this tool."""
+    from .pipeline import read_run_record
+
+    record = read_run_record(source) if Path(source).expanduser().is_dir() else None
+    if record:
+        return record.get("source", source), list(record.get("stages", []))
+    return source, []
+
+
+def cmd_transact(args) -> int:
+    from .data import load_documents, make_calibration
+    from .files import check_out_dir
+    from .pipeline import Run
+    from .transact import prune
+
+    progress = Progress(args.quiet)
+    check_out_dir(args.out, args.overwrite, protect=[args.model])
+    mlp_keep, heads_keep = (
+        _keep(args.mlp_keep, "--mlp-keep"),
+        _keep(args.heads_keep, "--heads-keep"),
+    )
+    loaded = _load(args, progress)
+    docs = load_documents(args.data, "calibration")
+    batch = make_calibration(loaded.tokenizer, docs, n_samples=args.samples, max_tokens=args.tokens)
+    model, rep = prune(
+        loaded.model,
+        batch,
+        mlp_keep=mlp_keep,
+        heads_keep=heads_keep,
+        shots=args.shots,
+        progress=progress,
+    )
+    source, stages = _prior_record(args.model)
+    stages.append(
+        {
+            "stage": "transact",
+            "mlp_keep": mlp_keep,
+            "heads_keep": heads_keep,
+            "shots": args.shots,
+            "report": {k: v for k, v in rep.to_dict().items() if "score" not in k},
+        }
+    )
+    kind = "+".join([s["stage"] for s in stages])
+    run = Run(
+        kind,
+        f"transact mlp {mlp_keep} heads {heads_keep}",
+        model,
+        loaded.tokenizer,
+        source,
+        stages,
+        None,
+        None,
+    )
+    out = _export(run, args, loaded)
+    print(json.dumps({"out": str(out), **stages[-1]["report"]}, indent=2))
+    return 0
+
+
+def _keep(text: str, flag: str):
+    """A keep amount: a ratio in (0, 1] or a whole count."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise MkaInputError(
+            f"{flag}: expected a ratio like 0.5 or a count like 768, got {text!r}"
+        ) from None
+    if v > 1:
+        if v != int(v):
+            raise MkaInputError(f"{flag}: a count must be a whole number, got {text}")
+        return int(v)
+    return v
+
+
+def cmd_heal(args) -> int:
+    from .data import load_documents, make_calibration
+    from .evaluate import perplexity
+    from .files import check_out_dir
+    from .heal import heal
+    from .pipeline import Run, eval_windows
+
+    progress = Progress(args.quiet)
+    check_out_dir(args.out, args.overwrite, protect=[args.model])
+    loaded = _load(args, progress)
+    docs = load_documents(args.data, "calibration")
+    batch = make_calibration(loaded.tokenizer, docs, n_samples=args.samples, max_tokens=args.tokens)
+    windows = eval_windows(loaded, args.eval_data, args.budget, args.window)
+    before = perplexity(loaded.model, windows)
+    model, rep = heal(
+        loaded.model,
+        loaded.tokenizer,
+        batch,
+        steps=args.steps,
+        lr=args.lr,
+        progress=progress,
+        seed=args.seed,
+    )
+    after = perplexity(model, windows)
+    source, stages = _prior_record(args.model)
+    info = {**rep.to_dict(), "perplexity_before": before, "perplexity_after": after}
+    stages.append({"stage": "heal", "report": info})
+    kind = "+".join([s["stage"] for s in stages])
+    plan = None
+    run = Run(kind, f"heal {args.steps}", model, loaded.tokenizer, source, stages, None, None, plan)
+    out = _export(run, args, loaded)
+    summary = {k: v for k, v in info.items() if k not in ("losses", "loss_curve")}
+    print(json.dumps({"out": str(out), **summary}, indent=2, default=str))
+    return 0
+
+
+def cmd_export_mergekit(args) -> int:
+    from .export import mergekit_yaml
+    from .files import write_text_atomic
+    from .plan import Plan
+
+    plan = Plan.load(args.plan)
+    text = mergekit_yaml(plan, model_path=args.model_path)
+    if args.out:
+        write_text_atomic(args.out, text, overwrite=args.overwrite)
+        print(json.dumps({"out": args.out}))
+    else:
+        print(text, end="")
     return 0
 
 
@@ -203,17 +547,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("evaluate", help="perplexity, size, speed and generations of a model")
+    p = sub.add_parser(
+        "evaluate", help="perplexity, fidelity (KL, top-1), size, speed, generations"
+    )
     _add_model_args(p)
     _add_eval_args(p)
+    p.add_argument("--plan", default=None, help="apply this plan JSON to --model first")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="original model to compare with (default: read from the folder's records)",
+    )
+    p.add_argument("--no-reference", action="store_true", help="evaluate the model alone")
     p.add_argument(
         "--mmlu", default=None, help="an MMLU-format folder for multiple-choice accuracy"
     )
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--no-generations", action="store_true", help="skip the sample generations")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--out", default=None, help="also write the result JSON to this file")
+    p.add_argument("--out", default=None, help="also write the results JSON to this file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plan", help="plan which layers to merge or drop (writes a plan JSON)")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--pooling", default="mean", choices=["mean", "last", "tokens"])
+    p.add_argument(
+        "--planner",
+        default="mka",
+        choices=["mka", "mka-tail", "shortgpt", "angular", "laco", "manual"],
+    )
+    p.add_argument("--layers-to-remove", type=int, default=None, help="budget: layers to remove")
+    p.add_argument("--ratio", type=float, default=None, help="budget: removed / original layers")
+    p.add_argument("--target-layers", type=int, default=None, help="budget: layers to keep")
+    p.add_argument("--picks", default=None, help="manual picks, e.g. 'merge:15,16;drop:27'")
+    p.add_argument(
+        "--alpha",
+        default="similarity",
+        choices=["similarity", "rowmean", "fixed", "search"],
+        help="α rule for merges",
+    )
+    p.add_argument("--alpha-value", type=float, default=0.5, help="α for --alpha fixed")
+    p.add_argument("--recompute", action="store_true", help="mka: recompute NPIB after each merge")
+    p.add_argument("--no-protect-first", action="store_true", help="allow touching layer 0")
+    p.add_argument("--no-protect-last", action="store_true", help="allow touching the last layer")
+    p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="apply a plan JSON and write the compressed model folder")
+    p.add_argument("plan", help="the plan JSON")
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--force", action="store_true", help="apply even if the fingerprint differs")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("transact", help="TransAct: prune MLP neurons / attention heads")
+    _add_model_args(p)
+    _add_calib_args(p)
+    p.add_argument("--mlp-keep", default="1.0", help="MLP neurons kept: ratio (0.5) or count (768)")
+    p.add_argument("--heads-keep", default="1.0", help="query heads kept: ratio or count")
+    p.add_argument("--shots", type=_positive_int, default=4, help="iterative pruning shots (4)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_transact)
+
+    p = sub.add_parser("heal", help="short fine-tune of a compressed model on calibration text")
+    _add_model_args(p)
+    _add_calib_args(p)
+    _add_eval_args(p)
+    p.add_argument("--steps", type=_positive_int, default=100, help="AdamW steps (100)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_heal)
+
+    p = sub.add_parser("export-mergekit", help="write a mergekit YAML for a plan")
+    p.add_argument("plan", help="the plan JSON")
+    p.add_argument("--model-path", default=None, help="model path to write into the YAML")
+    p.add_argument("--out", default=None, help="YAML file (default: stdout)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_mergekit)
     return parser
 
 

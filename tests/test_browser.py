@@ -1,0 +1,182 @@
+"""The app in a real browser: headless Chromium through Playwright, clicking through
+model → similarity → manifold → plan → results on the tiny model, with a screenshot of each page
+under test-output/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-output" / "screenshots"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`streamlit run app.py` on a free local port; yields its URL."""
+    pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    log = open(ROOT / "test-output" / "streamlit-browser-test.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
+        )
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(120_000)
+        pg.goto(server)
+        yield pg
+        browser.close()
+
+
+def _idle(page) -> None:
+    """Wait until the script run has finished (Streamlit shows a status widget while running)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=180_000
+    )
+    page.wait_for_timeout(300)
+
+
+def _goto(page, name: str) -> None:
+    """Follow a sidebar link (a client-side page switch keeps the session state)."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_role(
+        "link", name=re.compile(rf"^{name}$", re.I)
+    ).click()
+    page.wait_for_url(re.compile(rf"/{name}$", re.I))
+    _idle(page)
+
+
+def _no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_click_through_tiny_model(page):
+    page.get_by_text("MKA Studio", exact=False).first.wait_for()
+    _idle(page)
+    _no_exception(page)
+    _shot(page, "0_home")
+
+    _goto(page, "Model")
+    page.get_by_text("Tiny random model (instant demo)").click()
+    page.get_by_role("button", name="Load model").click()
+    page.get_by_text("Hidden size").wait_for()
+    _idle(page)
+    _no_exception(page)
+    assert page.get_by_text("tiny:llama").first.is_visible()
+    _shot(page, "1_model")
+
+    _goto(page, "Similarity")
+    page.get_by_role("button", name="Capture activations").click()
+    page.get_by_text("Block Influence per layer").first.wait_for()
+    _idle(page)
+    heatmaps = page.locator(".js-plotly-plot")
+    assert heatmaps.count() >= 5  # four heatmaps and the BI bar chart
+    assert heatmaps.first.is_visible()
+    assert page.get_by_text("NPIB (MKA)").first.is_visible()
+    _no_exception(page)
+    _shot(page, "2_similarity")
+
+    _goto(page, "Manifold")
+    page.get_by_text("Two layers side by side").wait_for()
+    _idle(page)
+    _no_exception(page)
+    _shot(page, "3_manifold")
+
+    _goto(page, "Plan")
+    page.get_by_role("button", name="Make the plan").click()
+    page.get_by_text("The plan", exact=True).wait_for()
+    _idle(page)
+    _no_exception(page)
+    assert page.get_by_role("button", name="Plan JSON").is_visible()
+    _shot(page, "4_plan")
+
+    _goto(page, "Results")
+    page.get_by_role("button", name="Run the plan").click()
+    page.get_by_text("Before / after", exact=False).first.wait_for(timeout=240_000)
+    _idle(page)
+    _no_exception(page)
+    table = page.locator('[data-testid="stDataFrame"]').first
+    assert table.is_visible()
+    assert page.get_by_text("History of this session").is_visible()
+    _shot(page, "5_results")
