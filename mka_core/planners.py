@@ -44,16 +44,28 @@ SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo 
 # light views of a model under a composition (no deep copy of unchanged blocks)
 
 
-def model_view(model: nn.Module, composition: list[list[tuple[int, float]]]) -> nn.Module:
+class _Passthrough(nn.Module):
+    """Stands in for a block whose output is already known (see `suffix_loss`)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def model_view(
+    model: nn.Module, composition: list[list[tuple[int, float]]], skip: int = 0
+) -> nn.Module:
     """A model that runs `composition` of `model`'s blocks for scoring (no KV cache).
 
     Unchanged blocks are shared with `model`, merged ones are new; `model` itself is not modified.
-    Use it read-only: it is for forward passes inside a planner, not for export.
+    Use it read-only: it is for forward passes inside a planner, not for export. The first `skip`
+    output layers become pass-throughs (their result is fed in from a cache by `suffix_loss`).
     """
     old = list(get_layers(model))
     blocks = []
-    for group in composition:
-        if len(group) == 1:
+    for pos, group in enumerate(composition):
+        if pos < skip:
+            blocks.append(_Passthrough())
+        elif len(group) == 1:
             blocks.append(old[group[0][0]])
         else:
             srcs = [i for i, _ in group]
@@ -95,6 +107,51 @@ def calibration_loss(model: nn.Module, batch: CalibrationBatch) -> float:
     labels = ids.masked_fill(mask == 0, -100)
     out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
     return float(out.loss)
+
+
+@torch.inference_mode()
+def block_input(model: nn.Module, batch: CalibrationBatch, pos: int) -> torch.Tensor:
+    """The hidden states entering output layer `pos` of `model`: (n, seq, d_model)."""
+    got = {}
+
+    def grab(module, args, kwargs):
+        got["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        raise _Stop
+
+    device = next(model.parameters()).device
+    h = get_layers(model)[pos].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+        )
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["h"]
+
+
+class _Stop(Exception):
+    """Ends a forward pass early once the wanted activation is captured."""
+
+
+@torch.inference_mode()
+def suffix_loss(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor) -> float:
+    """Calibration loss of a view whose first `pos` layers are pass-throughs: the cached input of
+    layer `pos` is fed in there, so only the layers from `pos` on are computed."""
+
+    def feed(module, args, kwargs):
+        if args:
+            return (cached, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": cached}
+
+    h = view.model.layers[pos].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        return calibration_loss(view, batch)
+    finally:
+        h.remove()
 
 
 @torch.inference_mode()
@@ -254,12 +311,20 @@ def plan_layers(
 
 
 def _merge_search(loaded, state: _State, small):
-    """The α that minimises calibration loss for merging groups a and b given the steps so far."""
+    """The α that minimises calibration loss for merging groups a and b given the steps so far.
+
+    Every candidate shares the layers below the merge, so their output is computed once and only
+    the layers from the merged one upwards run per candidate."""
 
     def search(a: list[int], b: list[int]) -> float:
+        n = state.n_layers
+        pos = next(i for i, g in enumerate(state.groups) if a[0] in g)
+        cached = block_input(model_view(loaded.model, state.composition), small, pos)
+
         def loss(x: float) -> float:
             steps = state.steps + [Step.merge([a[0], b[0]], [x, 1.0 - x])]
-            return calibration_loss(model_view(loaded.model, compose(state.n_layers, steps)), small)
+            view = model_view(loaded.model, compose(n, steps), skip=pos)
+            return suffix_loss(view, small, pos, cached)
 
         x, fx = _golden_search(loss)
         log.info("alpha search for %s+%s: alpha=%.3f loss=%.4f", a, b, x, fx)

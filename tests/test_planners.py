@@ -9,8 +9,8 @@ from mka_core.errors import MkaInputError
 from mka_core.merge import apply_plan
 from mka_core.models import model_fingerprint
 from mka_core.pipeline import analyze, make_budget_plan, make_manual_plan
-from mka_core.planners import _golden_search, calibration_loss, model_view
 from mka_core.plan import compose
+from mka_core.planners import _golden_search, calibration_loss, model_view
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,18 @@ def test_manual_picks(tiny, analysis):
         )
     with pytest.raises(MkaInputError, match="at least one"):
         make_manual_plan(tiny, analysis, [])
+
+
+def test_suffix_loss_equals_the_full_forward(tiny, analysis):
+    """The α search feeds cached activations past the unchanged layers: same loss, less work."""
+    from mka_core.plan import Step
+    from mka_core.planners import _subset, block_input, suffix_loss
+
+    small = _subset(analysis.batch, 8)
+    before = [Step.drop([1])]
+    cached = block_input(model_view(tiny.model, compose(6, before)), small, 2)
+    for x in (0.0, 0.4, 1.0):
+        comp = compose(6, [*before, Step.merge([3, 4], [x, 1 - x])])
+        full = calibration_loss(model_view(tiny.model, comp), small)
+        fast = suffix_loss(model_view(tiny.model, comp, skip=2), small, 2, cached)
+        assert fast == pytest.approx(full, rel=1e-6)
