@@ -474,6 +474,7 @@ def cmd_heal(args) -> int:
         loaded.tokenizer,
         batch,
         steps=args.steps,
+        batch_size=args.batch_size,
         lr=args.lr,
         progress=progress,
         seed=args.seed,
@@ -618,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_calib_args(p)
     _add_eval_args(p)
-    p.add_argument("--steps", type=_positive_int, default=100, help="AdamW steps (100)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="AdamW steps (50)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="samples per step (4)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--overwrite", action="store_true")

@@ -265,3 +265,64 @@ def test_refuses_to_write_into_the_source_folder(tmp_path, capsys):
 def test_argument_errors_exit_non_zero(flag):
     proc = run_cli("analyze", *FAST, *flag)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_transact_then_heal_records_every_stage(tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "transact",
+                *FAST,
+                *CALIB,
+                "--mlp-keep",
+                "0.5",
+                "--heads-keep",
+                "0.5",
+                "--shots",
+                "2",
+                "--out",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["new_intermediate_size"] == 64 and report["new_n_heads"] == 2
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["intermediate_size"] == 64 and cfg["num_attention_heads"] == 2
+    healed = tmp_path / "healed"
+    assert (
+        main(
+            [
+                "heal",
+                "--model",
+                str(pruned),
+                "--quiet",
+                *CALIB,
+                *EVAL[:4],
+                "--steps",
+                "3",
+                "--out",
+                str(healed),
+            ]
+        )
+        == 0
+    )
+    info = json.loads(capsys.readouterr().out)
+    assert np.isfinite(info["perplexity_before"]) and np.isfinite(info["perplexity_after"])
+    record = json.loads((healed / "mka-run.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["transact", "heal"]
+    assert record["source"] == "tiny:llama"
+    assert main(["evaluate", "--model", str(healed), "--json", "--quiet", *EVAL]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["intermediate_size"] == 64 and result["original"]["intermediate_size"] == 128
+
+
+def test_bad_keep_values(tmp_path, capsys):
+    for bad in ("0", "-1", "abc", "1.5", "99999"):
+        code = main(["transact", *FAST, *CALIB, "--mlp-keep", bad, "--out", str(tmp_path / bad)])
+        assert code == 2, bad
+        assert capsys.readouterr().err.startswith(
+            "error: --mlp-keep" if bad in ("abc", "1.5") else "error: "
+        )
