@@ -41,12 +41,12 @@ PAIR = "mka_pair"  # (layer_a, layer_b) chosen on a heatmap or with the selector
 CLICKS_SEEN = "mka_clicks_seen"  # chart key -> last selection absorbed (so a click acts once)
 PICKS = "mka_picks"  # manual picks for the planner: [{"op": "merge"|"drop", "layers": [...]}]
 PLAN = "mka_plan"  # plan.Plan to run
-PLAN_ORIGIN = (
-    "mka_plan_origin"  # how the plan was made: "budget: mka", "manual", "imported: f.json"
-)
+# how the plan was made: "budget: mka", "manual", "imported: f.json"
+PLAN_ORIGIN = "mka_plan_origin"
 RUNS = "mka_runs"  # list of pipeline.Run, oldest first (only the newest keep their model)
 HISTORY = "mka_history"  # list of dict rows, one per run of the session (MKA, TransAct, ...)
 EXPORTS = "mka_exports"  # run index -> folder it was exported to
+SIDEBAR_SLOT = "mka_sidebar_slot"  # this run's sidebar placeholder for the session status
 
 # widget keys that other code sets (a click on a heatmap moves the layer selectors)
 W_PAIR_A = "w_pair_a"
@@ -79,11 +79,16 @@ MEASURE_HELP = {
 # page scaffolding
 
 
-def page_setup(title: str, icon: str = "🧬") -> None:
-    """Page config (wide layout), the title and the sidebar status; call first on every page."""
+def page_setup(title: str, icon: str) -> None:
+    """Page config (wide layout), the title and the sidebar status; call first on every page.
+
+    icon: a Material Symbols name such as ":material/hub:" (a font Streamlit ships, so it shows
+    in any browser, unlike emoji)."""
     st.set_page_config(page_title=f"{title} · MKA Studio", page_icon=icon, layout="wide")
     _init_state()
+    st.session_state[SIDEBAR_SLOT] = st.sidebar.empty()
     sidebar_status()
+    st.title(f"{icon} {title}")
 
 
 def _init_state() -> None:
@@ -139,11 +144,21 @@ def state_steps() -> list[tuple[str, bool, str]]:
     ]
 
 
+DONE_ICON = ":material/check_circle:"
+TODO_ICON = ":material/radio_button_unchecked:"
+
+
 def sidebar_status() -> None:
-    with st.sidebar:
-        st.markdown("**Session**")
+    """(Re)draw the session's progress in the sidebar; called again whenever a step completes,
+    so the sidebar never lags behind the page."""
+    slot = st.session_state.get(SIDEBAR_SLOT)
+    if slot is None:
+        return
+    with slot.container():
+        st.markdown("**This session**")
         for name, done, detail in state_steps():
-            st.caption(f"{'✅' if done else '⬜'} **{name}**: {detail}")
+            icon = f":green[{DONE_ICON}]" if done else f":gray[{TODO_ICON}]"
+            st.caption(f"{icon} **{name}**: {detail}")
 
 
 def require_model():
@@ -153,7 +168,9 @@ def require_model():
         st.info(
             "No model loaded yet. Start on the **Model** page (or the home page's one-click start)."
         )
-        st.page_link("pages/1_Model.py", label="Go to the Model page", icon="➡️")
+        st.page_link(
+            "pages/1_Model.py", label="Go to the Model page", icon=":material/arrow_forward:"
+        )
         st.stop()
     return loaded
 
@@ -164,7 +181,11 @@ def require_analysis():
     analysis = st.session_state.get(ANALYSIS)
     if analysis is None:
         st.info("No activations captured yet. Capture them on the **Similarity** page first.")
-        st.page_link("pages/2_Similarity.py", label="Go to the Similarity page", icon="➡️")
+        st.page_link(
+            "pages/2_Similarity.py",
+            label="Go to the Similarity page",
+            icon=":material/arrow_forward:",
+        )
         st.stop()
     return analysis
 
@@ -174,7 +195,9 @@ def require_plan():
     plan = st.session_state.get(PLAN)
     if plan is None:
         st.info("No plan yet. Make one on the **Plan** page (a budget, manual picks or a file).")
-        st.page_link("pages/4_Plan.py", label="Go to the Plan page", icon="➡️")
+        st.page_link(
+            "pages/4_Plan.py", label="Go to the Plan page", icon=":material/arrow_forward:"
+        )
         st.stop()
     return plan
 
@@ -296,6 +319,7 @@ def load_model(
         st.session_state[PICKS] = []
         st.session_state[CLICKS_SEEN] = {}
         st.session_state[MODEL_SPEC] = spec
+    sidebar_status()
     return loaded
 
 
@@ -328,16 +352,20 @@ def on_gpu(loaded=None) -> bool:
 
 
 def analysis_defaults(loaded) -> dict:
-    """Capture defaults: the spec's 128 × 128 on a GPU, a lighter 32 × 64 on a CPU."""
+    """Capture defaults: the spec's 128 × 128 on a GPU, a lighter 64 × 32 on a CPU (NPIB needs
+    rows more than long samples: k = min(8, rows / 8) clusters, and too few saturate it at 1)."""
     if on_gpu(loaded):
         return {"n_samples": 128, "max_tokens": 128}
-    return {"n_samples": 32, "max_tokens": 64}
+    return {"n_samples": 64, "max_tokens": 32}
 
 
 def eval_defaults(loaded) -> dict:
+    """Evaluation defaults: the spec's 8192 tokens in 512-token windows on a GPU; on a CPU a
+    lighter 1024 in 256, and no speed timing (it repeats prefill and generation several times
+    per model, minutes on a small CPU)."""
     if on_gpu(loaded):
-        return {"budget_tokens": 8192, "window": 512}
-    return {"budget_tokens": 1024, "window": 256}
+        return {"budget_tokens": 8192, "window": 512, "with_speed": True}
+    return {"budget_tokens": 1024, "window": 256, "with_speed": False}
 
 
 def calibration_from_upload(uploaded) -> tuple[list, str]:
@@ -421,6 +449,7 @@ def run_analysis(
     for key in (PAIR, W_PAIR_A, W_PAIR_B):
         st.session_state.pop(key, None)
     st.session_state[CLICKS_SEEN] = {}
+    sidebar_status()
     return analysis
 
 
@@ -453,6 +482,7 @@ def heatmap_figure(measure: str, m: np.ndarray, layers: list[int], pair=None) ->
     Plotly cannot select cells of a heatmap, so a grid of invisible markers lies over the cells:
     clicking a cell selects its marker, which Streamlit reports as the chosen layer pair."""
     n = len(layers)
+    tick = max(1, -(-n // 16))  # at most ~16 labelled layers per axis
     fig = go.Figure()
     fig.add_trace(
         go.Heatmap(
@@ -497,9 +527,10 @@ def heatmap_figure(measure: str, m: np.ndarray, layers: list[int], pair=None) ->
         title={"text": MEASURE_NAMES[measure], "x": 0.5, "xanchor": "center"},
         height=430,
         margin={"l": 50, "r": 10, "t": 40, "b": 45},
-        xaxis={"title": "layer", "range": [-0.5, n - 0.5], "constrain": "domain"},
+        xaxis={"title": "layer", "range": [-0.5, n - 0.5], "constrain": "domain", "dtick": tick},
         yaxis={
             "title": "layer",
+            "dtick": tick,
             "range": [n - 0.5, -0.5],  # layer 0 at the top, like a matrix
             "scaleanchor": "x",
             "constrain": "domain",
@@ -678,6 +709,15 @@ def all_projections(analysis, method: str, progress: ProgressFn | None = None) -
         if progress:
             progress((layer + 1) / n, f"{PROJECTION_NAMES[method]}: layer {layer + 1}/{n}")
     return out
+
+
+def align_signs(reference: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Flip y's axes to match `reference` (same rows): a diffusion or PCA axis's sign is arbitrary."""
+    y = y.copy()
+    for c in range(min(y.shape[1], reference.shape[1])):
+        if float(np.dot(y[:, c], reference[:, c])) < 0:
+            y[:, c] = -y[:, c]
+    return y
 
 
 def row_colors(analysis) -> tuple[list[str], bool]:
@@ -916,6 +956,7 @@ def import_plan(uploaded) -> tuple[object, str | None]:
 def set_plan(plan, origin: str) -> None:
     st.session_state[PLAN] = plan
     st.session_state[PLAN_ORIGIN] = origin
+    sidebar_status()
 
 
 def plan_table(plan) -> pd.DataFrame:
@@ -1053,6 +1094,7 @@ def run_plan(
     budget_tokens: int,
     window: int,
     with_speed: bool = True,
+    with_generations: bool = True,
     eval_data: str = "builtin",
     progress: ProgressFn | None = None,
 ):
@@ -1067,6 +1109,7 @@ def run_plan(
         budget_tokens=int(budget_tokens),
         window=int(window),
         with_speed=with_speed,
+        with_generations=with_generations,
         progress=progress,
     )
     record_run(run, {"eval_tokens": int(budget_tokens), "window": int(window)})
@@ -1088,6 +1131,7 @@ def record_run(run, extra: dict | None = None) -> int:
     row["model"] = run.source
     row.update(extra or {})
     history.append(row)
+    sidebar_status()
     return len(runs) - 1
 
 
@@ -1116,13 +1160,16 @@ def history_figure(df: pd.DataFrame) -> go.Figure:
         df["kind"].astype(str) + ": " + df["planner"].astype(str), sort=True
     ):
         part = part.sort_values("layers_removed")
+        # every series starts at the original model (0 layers removed)
+        xs = [0, *part["layers_removed"]]
+        ys = [float(part["perplexity_original"].iloc[0]), *part["perplexity"]]
         fig.add_trace(
             go.Scatter(
-                x=part["layers_removed"],
-                y=part["perplexity"],
+                x=xs,
+                y=ys,
                 mode="lines+markers",
                 name=name.replace("merge: ", ""),
-                text=part["label"],
+                text=["original", *part["label"]],
                 hovertemplate="%{text}<br>%{x} removed: perplexity %{y:.2f}<extra></extra>",
             )
         )
@@ -1207,23 +1254,32 @@ def before_after_figure(run) -> go.Figure:
         ("prefill tok/s", o.prefill_tps, c.prefill_tps),
         ("decode tok/s", o.decode_tps, c.decode_tps),
     ]
-    items = [(n, a, b) for n, a, b in items if a and b is not None]
+    items = [(n, a, b) for n, a, b in items if a and b is not None][::-1]  # top to bottom
+    colors = {"perplexity": "#e8590c", "parameters": "#4c6ef5", "size (MB)": "#4c6ef5"}
     fig = go.Figure(
         go.Bar(
-            x=[n for n, _, _ in items],
-            y=[100 * b / a for _, a, b in items],
+            y=[n for n, _, _ in items],
+            x=[100 * b / a for _, a, b in items],
+            orientation="h",
             text=[f"{100 * b / a:.0f} %" for _, a, b in items],
             textposition="outside",
-            marker_color=["#e8590c", "#4c6ef5", "#4c6ef5", "#37b24d", "#37b24d"][: len(items)],
-            hovertemplate="%{x}: %{y:.1f} % of the original<extra></extra>",
+            cliponaxis=False,
+            marker_color=[colors.get(n, "#37b24d") for n, _, _ in items],
+            hovertemplate="%{y}: %{x:.1f} % of the original<extra></extra>",
         )
     )
-    fig.add_hline(y=100, line_dash="dot", line_color="#868e96", annotation_text="original = 100 %")
+    fig.add_vline(x=100, line_dash="dot", line_color="#868e96")
     top = max([100 * b / a for _, a, b in items] + [100])
     fig.update_layout(
-        height=340,
-        margin={"l": 50, "r": 10, "t": 30, "b": 40},
-        yaxis={"title": "% of original", "range": [0, top * 1.18]},
+        title={
+            "text": "compressed as % of the original (dotted: 100 %)",
+            "x": 0.5,
+            "xanchor": "center",
+            "font": {"size": 13},
+        },
+        height=320,
+        margin={"l": 100, "r": 40, "t": 40, "b": 40},
+        xaxis={"title": "% of original", "range": [0, top * 1.2]},
     )
     return fig
 

@@ -27,9 +27,13 @@ LAUNCH_ARGS = [
     "--no-first-run",
 ]
 
+# CI sets MKA_REQUIRE_BROWSER=1: there a missing browser fails the test instead of skipping it
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and not os.environ.get("MKA_REQUIRE_BROWSER"),
+        reason="needs /usr/bin/chromium",
+    ),
 ]
 
 
@@ -44,6 +48,7 @@ def server():
     """`streamlit run app.py` on a free local port; yields its URL."""
     pytest.importorskip("playwright.sync_api")
     port = _free_port()
+    SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(ROOT / "test-output" / "streamlit-browser-test.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -60,6 +65,8 @@ def server():
             "127.0.0.1",
             "--browser.gatherUsageStats",
             "false",
+            "--server.fileWatcherType",
+            "none",  # other work in the checkout must not disturb the running test
         ],
         cwd=ROOT,
         stdout=log,
@@ -95,9 +102,7 @@ def page(server):
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
-        )
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(120_000)
         pg.goto(server)
@@ -128,7 +133,18 @@ def _no_exception(page) -> None:
 
 
 def _shot(page, name: str) -> None:
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so the viewport
+    is grown to the content's height for the shot."""
+    height = page.evaluate(
+        """() => Math.max(...['stMain', 'stAppViewContainer', 'stMainBlockContainer']
+            .map(id => document.querySelector(`[data-testid="${id}"]`))
+            .filter(Boolean).map(e => e.scrollHeight))"""
+    )
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": min(int(height) + 40, 8000)})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size(size)
 
 
 def test_click_through_tiny_model(page):
@@ -155,6 +171,17 @@ def test_click_through_tiny_model(page):
     assert heatmaps.first.is_visible()
     assert page.get_by_text("NPIB (MKA)").first.is_visible()
     _no_exception(page)
+    # clicking the cell (row 1, column 4) of the NPIB heatmap picks layers 1 and 4 for the planner
+    cells = heatmaps.first.locator(".nsewdrag").first.bounding_box()
+    n = 6
+    page.mouse.click(
+        cells["x"] + (4 + 0.5) / n * cells["width"], cells["y"] + (1 + 0.5) / n * cells["height"]
+    )
+    _idle(page)
+    page.wait_for_timeout(1000)
+    _idle(page)
+    # the caption under the layer selectors names the pair they now hold
+    page.get_by_text("layer 1 vs 4").first.wait_for(timeout=60_000)
     _shot(page, "2_similarity")
 
     _goto(page, "Manifold")
@@ -168,7 +195,7 @@ def test_click_through_tiny_model(page):
     page.get_by_text("The plan", exact=True).wait_for()
     _idle(page)
     _no_exception(page)
-    assert page.get_by_role("button", name="Plan JSON").is_visible()
+    page.get_by_role("button", name="Plan JSON").wait_for(timeout=60_000)
     _shot(page, "4_plan")
 
     _goto(page, "Results")
@@ -176,7 +203,9 @@ def test_click_through_tiny_model(page):
     page.get_by_text("Before / after", exact=False).first.wait_for(timeout=240_000)
     _idle(page)
     _no_exception(page)
-    table = page.locator('[data-testid="stDataFrame"]').first
+    table = page.locator('[data-testid="stTable"]').first  # before / after
     assert table.is_visible()
+    assert "perplexity" in table.inner_text()
+    assert page.locator('[data-testid="stDataFrame"]').first.is_visible()  # the history
     assert page.get_by_text("History of this session").is_visible()
     _shot(page, "5_results")

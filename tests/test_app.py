@@ -1,0 +1,381 @@
+"""The Streamlit app through streamlit.testing.v1.AppTest: every page from a cold start, the happy
+path on the tiny model, and bad inputs that must show a message in the page (never an exception).
+
+Fast by design: the tiny random model, 16 samples × 32 tokens, a 512-token evaluation without
+speed timing. Models and analyses are cached per process, so the sessions below share them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mka_core import ui
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = {
+    "home": "app.py",
+    "model": "pages/1_Model.py",
+    "similarity": "pages/2_Similarity.py",
+    "manifold": "pages/3_Manifold.py",
+    "plan": "pages/4_Plan.py",
+    "results": "pages/5_Results.py",
+}
+TIMEOUT = 120
+
+
+def _app(page: str = "home"):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    if page != "home":
+        at.switch_page(PAGES[page]).run()
+    return at
+
+
+def _ok(at) -> None:
+    """No uncaught exception in the page (an exception box is a bug, not a user error)."""
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _go(at, page: str):
+    at.switch_page(PAGES[page]).run()
+    _ok(at)
+    return at
+
+
+def _with_model(page: str = "model"):
+    at = _app("model")
+    at.radio(key="model_source_kind").set_value("Tiny random model (instant demo)").run()
+    at.button(key="model_load").click().run()
+    _ok(at)
+    return _go(at, page) if page != "model" else at
+
+
+def _with_analysis(page: str = "similarity"):
+    at = _with_model("similarity")
+    at.number_input(key="calib_samples").set_value(16)
+    at.number_input(key="calib_tokens").set_value(32)
+    at.button(key="capture_run").click().run()
+    _ok(at)
+    assert ui.ANALYSIS in at.session_state
+    return _go(at, page) if page != "similarity" else at
+
+
+def _with_plan(page: str = "plan"):
+    at = _with_analysis("plan")
+    at.slider(key="plan_n_remove").set_value(1)
+    at.button(key="plan_make").click().run()
+    _ok(at)
+    assert ui.PLAN in at.session_state
+    return _go(at, page) if page != "plan" else at
+
+
+def _run_plan(at):
+    at.number_input(key="eval_budget").set_value(512)
+    at.number_input(key="eval_window").set_value(128)
+    at.checkbox(key="eval_speed").uncheck()  # off by default on a CPU; make sure
+    at.checkbox(key="eval_generations").uncheck()
+    at.button(key="run_plan").click().run()
+    _ok(at)
+    return at
+
+
+# ---------------------------------------------------------------------------------------------
+# cold start: every page without a model points the user somewhere, no exception
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_cold_start(page):
+    at = _app(page)
+    _ok(at)
+    text = " ".join(i.value for i in at.info) + " ".join(m.value for m in at.markdown)
+    if page == "home":
+        assert "Where you are" in " ".join(s.value for s in at.subheader)
+        assert at.button(key="home_start_bundled") and at.button(key="home_start_tiny")
+    elif page == "model":
+        assert "No model loaded yet" in text
+    else:
+        assert "Model" in text and "No model loaded yet" in text
+        assert not at.get("plotly_chart")  # nothing drawn without data
+
+
+def test_home_one_click_start_reaches_heatmaps():
+    at = _app("home")
+    at.button(key="home_start_tiny").click().run()
+    _ok(at)
+    assert at.session_state[ui.MODEL_SPEC].source == "tiny:llama"
+    assert ui.ANALYSIS in at.session_state
+    # the button switches to the Similarity page: four heatmaps and the BI chart
+    _go(at, "similarity")
+    assert len(at.get("plotly_chart")) >= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# model page
+
+
+def test_model_page_loads_tiny_and_shows_summary():
+    at = _with_model()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Layers"] == "6"
+    assert metrics["Hidden size"] == "64"
+    assert metrics["Heads (query / KV)"] == "4 / 2"
+    assert metrics["Device"] == "cpu"
+    assert metrics["Parameters"].endswith(" M")
+    assert metrics["Memory"].endswith(" MB")
+    assert any("CPU" in w.value for w in at.warning)  # the visible CPU notice
+
+
+@pytest.mark.parametrize(
+    "kind, path, message",
+    [
+        ("Local model folder", "/nonexistent/model-folder", "not found"),
+        ("Local model folder", "", "type a folder path"),
+        ("GGUF file", "/nonexistent/model.gguf", "GGUF file not found"),
+        ("Local model folder", str(ROOT), "no config.json"),
+    ],
+)
+def test_model_page_bad_source_shows_error(kind, path, message):
+    at = _app("model")
+    at.radio(key="model_source_kind").set_value(kind).run()
+    if path:
+        at.text_input(key=at.text_input[0].key).input(path)
+    at.button(key="model_load").click().run()
+    _ok(at)
+    assert any(message in e for e in _errors(at)), _errors(at)
+    assert ui.MODEL_SPEC not in at.session_state
+
+
+# ---------------------------------------------------------------------------------------------
+# similarity page
+
+
+def test_similarity_happy_path_heatmaps_bi_and_downloads():
+    at = _with_analysis()
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5  # npib, cosine, angular, cka heatmaps + BI
+    figures = [json.loads(c.proto.spec) for c in charts]
+    titles = [f["layout"]["title"]["text"] for f in figures]
+    assert titles[:4] == [ui.MEASURE_NAMES[m] for m in ui.MEASURES]
+    heat = figures[0]
+    assert heat["layout"]["xaxis"]["title"]["text"] == "layer"
+    assert heat["layout"]["yaxis"]["title"]["text"] == "layer"
+    assert "layer %{y} vs %{x}" in heat["data"][1]["hovertemplate"]
+    assert figures[2]["data"][0]["colorscale"] != figures[0]["data"][0]["colorscale"]  # reversed
+    sim = at.session_state[ui.ANALYSIS].similarity
+    assert sim.n_layers == 6 and at.session_state[ui.ANALYSIS_INFO]["n_samples"] == 16
+    assert len(at.get("download_button")) == 5  # 4 CSVs + the zip
+
+
+def test_similarity_pair_selectors_feed_the_planner():
+    at = _with_analysis()
+    at.selectbox(key=ui.W_PAIR_A).set_value(2)
+    at.selectbox(key=ui.W_PAIR_B).set_value(4).run()
+    _ok(at)
+    assert at.session_state[ui.PAIR] == (2, 4)
+    at.button(key="add_pair_pick").click().run()
+    _ok(at)
+    # a merge needs consecutive layers: the pair 2, 4 becomes the group 2..4
+    assert at.session_state[ui.PICKS] == [{"op": "merge", "layers": [2, 3, 4]}]
+    at.button(key="add_pair_pick").click().run()  # the same pick twice: a message, not a crash
+    _ok(at)
+    assert any("already in the list" in e for e in _errors(at))
+
+
+def test_similarity_uploaded_text_is_used():
+    at = _with_model("similarity")
+    at.radio(key="calib_kind").set_value("Upload a text file").run()
+    text = "\n\n".join(f"Paragraph {i}: " + "the quick brown fox jumps. " * 12 for i in range(40))
+    at.get("file_uploader")[0].set_value(("notes.txt", text.encode(), "text/plain"))
+    at.number_input(key="calib_samples").set_value(16)
+    at.number_input(key="calib_tokens").set_value(32)
+    at.button(key="capture_run").click().run()
+    _ok(at)
+    assert not _errors(at)
+    assert at.session_state[ui.ANALYSIS_INFO]["data"] == "upload"
+
+
+@pytest.mark.parametrize(
+    "kind, setup, message",
+    [
+        ("Upload a text file", None, "no file uploaded"),
+        ("Upload a text file", ("empty.txt", b"  \n", "text/plain"), "is empty"),
+        ("Upload a text file", ("bad.jsonl", b"{not json\n", "application/json"), "not valid JSON"),
+        ("MMLU folder", "/nonexistent/mmlu", "MMLU folder not found"),
+        ("MMLU folder", "", "path is empty"),
+    ],
+)
+def test_similarity_bad_data_shows_error(kind, setup, message):
+    at = _with_model("similarity")
+    at.radio(key="calib_kind").set_value(kind).run()
+    if isinstance(setup, tuple):
+        at.get("file_uploader")[0].set_value(setup)
+    elif setup:
+        at.text_input(key="calib_mmlu").input(setup)
+    at.button(key="capture_run").click().run()
+    _ok(at)
+    assert any(message in e for e in _errors(at)), _errors(at)
+    assert ui.ANALYSIS not in at.session_state
+
+
+def test_similarity_too_many_samples_shows_error():
+    at = _with_model("similarity")
+    at.number_input(key="calib_samples").set_value(1024)
+    at.number_input(key="calib_tokens").set_value(1024)
+    at.button(key="capture_run").click().run()
+    _ok(at)
+    assert any("samples requested" in e for e in _errors(at)), _errors(at)
+
+
+# ---------------------------------------------------------------------------------------------
+# manifold page
+
+
+def test_manifold_views_and_animation():
+    at = _with_analysis("manifold")
+    assert len(at.get("plotly_chart")) == 3  # one layer, two side by side
+    at.slider(key="manifold_layer").set_value(5).run()
+    _ok(at)
+    at.selectbox(key="manifold_method").set_value("pca").run()
+    _ok(at)
+    at.button(key="manifold_animate").click().run()
+    _ok(at)
+    anim = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert len(anim["frames"]) == 6  # one frame per layer
+
+
+# ---------------------------------------------------------------------------------------------
+# plan page
+
+
+def test_plan_budget_makes_a_plan_that_the_cli_applies(tmp_path):
+    at = _with_plan()
+    plan = at.session_state[ui.PLAN]
+    assert plan.model.num_layers == 6 and plan.n_layers_out == 5
+    assert {m.label: m.value for m in at.metric}["Layers"] == "6 → 5"
+    assert len(at.table) == 2  # output layers and steps
+    # the downloaded plan JSON is what `python -m mka_core apply` reads
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    from mka_core.cli import main
+
+    out = tmp_path / "model"
+    assert main(["apply", str(path), "--model", "tiny:llama", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 5
+
+
+def test_plan_too_large_budget_shows_error():
+    at = _with_analysis("plan")
+    at.radio(key="plan_budget_kind").set_value("compression ratio")
+    at.slider(key="plan_ratio").set_value(0.95)
+    at.button(key="plan_make").click().run()
+    _ok(at)
+    assert any("budget" in e for e in _errors(at)), _errors(at)
+    assert ui.PLAN not in at.session_state
+
+
+def test_plan_manual_picks():
+    at = _with_analysis("plan")
+    at.selectbox(key="pick_op").set_value("merge")
+    at.number_input(key="pick_first").set_value(2)
+    at.number_input(key="pick_last").set_value(3)
+    at.button(key="pick_add").click().run()
+    at.selectbox(key="pick_op").set_value("drop")
+    at.number_input(key="pick_first").set_value(4)
+    at.number_input(key="pick_last").set_value(4)
+    at.button(key="pick_add").click().run()
+    _ok(at)
+    assert at.session_state[ui.PICKS] == [
+        {"op": "merge", "layers": [2, 3]},
+        {"op": "drop", "layers": [4]},
+    ]
+    at.button(key="manual_make").click().run()
+    _ok(at)
+    plan = at.session_state[ui.PLAN]
+    assert plan.n_layers_out == 4
+    assert [i for i, _ in plan.layers[2]] == [2, 3]
+    # a merge of one layer is refused with a message
+    at.selectbox(key="pick_op").set_value("merge")
+    at.number_input(key="pick_first").set_value(1)
+    at.number_input(key="pick_last").set_value(1)
+    at.button(key="pick_add").click().run()
+    _ok(at)
+    assert any("two different layers" in e for e in _errors(at))
+
+
+def test_plan_import_good_and_bad_files():
+    at = _with_plan()
+    good = at.session_state[ui.PLAN].to_json().encode()
+    at.session_state[ui.PLAN] = None
+    cases = [
+        (b"", "is empty"),
+        (b"{oops", "not valid JSON"),
+        (json.dumps({"format": "something-else"}).encode(), "not an MKA Studio plan file"),
+        (good.replace(b'"num_layers": 6', b'"num_layers": 7'), "plan.json"),
+    ]
+    for content, message in cases:
+        at.get("file_uploader")[0].set_value(("plan.json", content, "application/json")).run()
+        at.button(key="plan_import").click().run()
+        _ok(at)
+        assert any(message in e for e in _errors(at)), (message, _errors(at))
+    at.get("file_uploader")[0].set_value(("plan.json", good, "application/json")).run()
+    at.button(key="plan_import").click().run()
+    _ok(at)
+    assert not _errors(at)
+    assert at.session_state[ui.PLAN].n_layers_out == 5
+    assert at.session_state[ui.PLAN_ORIGIN] == "imported: plan.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# results page
+
+
+def test_results_without_plan_points_to_plan_page():
+    at = _with_model("results")
+    assert any("No plan yet" in i.value for i in at.info)
+
+
+def test_results_run_history_and_export(tmp_path):
+    at = _run_plan(_with_plan("results"))
+    table = at.table[0].value
+    rows = dict(zip(table["metric"], zip(table["original"], table["compressed"])))
+    assert rows["layers"] == ("6", "5")
+    assert rows["parameters"][0].endswith(" M") and rows["size in memory"][1].endswith(" MB")
+    ppl_o, ppl_c = rows["perplexity"]
+    assert len(ppl_o.split(".")[-1]) == 2 and len(ppl_c.split(".")[-1]) == 2  # 2 decimals
+    history = at.session_state[ui.HISTORY]
+    assert len(history) == 1 and history[0]["layers"] == 5
+    # `kind` tells MKA merges from TransAct (and healed) runs in one history
+    assert history[0]["kind"] == "merge" and history[0]["planner"] == "mka"
+    # a second run goes into the history too
+    at.button(key="run_plan").click().run()
+    _ok(at)
+    assert len(at.session_state[ui.HISTORY]) == 2
+
+    # export: bad folders get messages, a good one gets a folder and a zip download
+    at.text_input(key="export_folder").input("")
+    at.button(key="export_submit").click().run()
+    _ok(at)
+    assert any("output folder is empty" in e for e in _errors(at))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x.txt").write_text("x")
+    at.text_input(key="export_folder").input(str(busy))
+    at.button(key="export_submit").click().run()
+    _ok(at)
+    assert any("not empty" in e for e in _errors(at))
+    out = tmp_path / "exported"
+    at.text_input(key="export_folder").input(str(out))
+    at.button(key="export_submit").click().run()
+    _ok(at)
+    assert not _errors(at)
+    assert (out / "config.json").is_file() and (out / "plan.json").is_file()
+    assert any("zip" in b.proto.label for b in at.get("download_button"))
