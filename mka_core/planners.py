@@ -15,6 +15,7 @@ light "views" that share every unchanged block with the original model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -137,10 +138,9 @@ class _Stop(Exception):
     """Ends a forward pass early once the wanted activation is captured."""
 
 
-@torch.inference_mode()
-def suffix_loss(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor) -> float:
-    """Calibration loss of a view whose first `pos` layers are pass-throughs: the cached input of
-    layer `pos` is fed in there, so only the layers from `pos` on are computed."""
+@contextlib.contextmanager
+def _feeding(view: nn.Module, pos: int, cached: torch.Tensor):
+    """Feed `cached` into output layer `pos` of a view whose earlier layers are pass-throughs."""
 
     def feed(module, args, kwargs):
         if args:
@@ -149,9 +149,46 @@ def suffix_loss(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torc
 
     h = view.model.layers[pos].register_forward_pre_hook(feed, with_kwargs=True)
     try:
-        return calibration_loss(view, batch)
+        yield
     finally:
         h.remove()
+
+
+@torch.inference_mode()
+def suffix_loss(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor) -> float:
+    """Calibration loss of a view whose first `pos` layers are pass-throughs: the cached input of
+    layer `pos` is fed in there, so only the layers from `pos` on are computed."""
+    with _feeding(view, pos, cached):
+        return calibration_loss(view, batch)
+
+
+@torch.inference_mode()
+def suffix_hidden(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor):
+    """`final_hidden` of a view computed from the cached input of layer `pos` upwards."""
+    with _feeding(view, pos, cached):
+        return final_hidden(view, batch)
+
+
+@torch.inference_mode()
+def all_block_inputs(model: nn.Module, batch: CalibrationBatch) -> list[torch.Tensor]:
+    """The input of every output layer in one forward pass: n_layers × (n, seq, d_model)."""
+    got: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        got.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    device = next(model.parameters()).device
+    hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in model.model.layers]
+    try:
+        model.model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
 
 
 @torch.inference_mode()
@@ -255,7 +292,7 @@ def plan_layers(
     protect_last: bool = True,
     recompute: bool = False,
     laco_layers: int = 4,
-    laco_threshold: float = 0.9,
+    laco_threshold: float = 0.65,
     progress: ProgressFn | None = None,
 ) -> Plan:
     """Plan the removal of `n_remove` layers with one of PLANNERS (see the module docstring)."""
@@ -300,10 +337,10 @@ def plan_layers(
         similarity, alpha_rule = "angular", None
     else:
         params.update(laco_layers=laco_layers, laco_threshold=laco_threshold)
-        steps, used = _plan_laco(
+        steps, info = _plan_laco(
             loaded, small, n_remove, protected, laco_layers, laco_threshold, progress
         )
-        params["laco_threshold_used"] = used
+        params.update(laco_forced=info["forced"], laco_candidates=info["candidates"])
         similarity, alpha_rule = "final-hidden-cosine", None
     report(progress, 1.0, f"{planner}: plan removes {n_remove} of {n} layers")
     method = {"planner": planner, "similarity": similarity, "alpha": alpha_rule, "params": params}
@@ -425,20 +462,24 @@ def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress
     """Layer Collapse (Yang et al. 2024), top down: try collapsing the m following layers into
     layer l (θ_l + Σ(θ_{l+k} − θ_l), original weights), keep it when the cosine of the final
     hidden states to the original model's stays ≥ threshold, then continue below the collapsed
-    range. If a full pass does not reach the budget, the threshold is lowered by 0.05 and the
-    search goes on from the top (LaCo itself may stop short; a budget must be met to compare)."""
+    range. LaCo itself may stop short of a budget; to compare at equal budgets, a full pass that
+    accepts nothing takes its best candidate anyway (counted as `forced` in the plan)."""
     if n_remove == 0:
-        return [], threshold
+        return [], {"forced": 0, "candidates": 0}
     if m_layers < 1:
         raise MkaInputError(f"laco: layers merged per collapse must be >= 1, got {m_layers}")
     n = loaded.n_layers
     ref = final_hidden(loaded.model, small)
     steps: list[Step] = []
-    removed = 0
-    t = threshold
-    tries = 0
+    removed = tries = forced = 0
     while removed < n_remove:
-        used = {i for s in steps for i in s.layers}
+        # Candidates only change layers from their start upwards, and within a pass every
+        # accepted collapse lies above the next start: the layers below are computed once.
+        base = compose(n, steps)
+        inputs = all_block_inputs(model_view(loaded.model, base), small)
+        pos_of = {i: p for p, g in enumerate(base) for i, _ in g}
+        used = {i for st in steps for i in st.layers}
+        best = None
         accepted = False
         start = n - 2
         while start >= 0 and removed < n_remove:
@@ -448,16 +489,16 @@ def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress
                 start -= 1
                 continue
             cand = steps + [Step.collapse(rng)]
-            h = final_hidden(model_view(loaded.model, compose(n, cand)), small)
+            pos = pos_of[start]
+            view = model_view(loaded.model, compose(n, cand), skip=pos)
+            h = suffix_hidden(view, small, pos, inputs[pos])
             cos = float(torch.nn.functional.cosine_similarity(h, ref, dim=-1).mean())
             tries += 1
-            report(
-                progress,
-                removed / n_remove,
-                f"laco: layers {rng[0]}-{rng[-1]} cos {cos:.3f} (T {t:.2f})",
-            )
-            if cos >= t:
-                steps = cand
+            if best is None or cos > best[0]:
+                best = (cos, rng)
+            report(progress, removed / n_remove, f"laco: layers {rng[0]}-{rng[-1]} cos {cos:.3f}")
+            if cos >= threshold:
+                steps = steps + [Step.collapse(rng, score=cos)]
                 used.update(rng)
                 removed += m
                 accepted = True
@@ -465,11 +506,17 @@ def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress
             else:
                 start -= 1
         if removed < n_remove and not accepted:
-            t -= 0.05
-            if t < -1:
-                raise MkaInputError(f"laco: cannot find {n_remove} layers to collapse")
-    log.info("laco: %d candidates tried, final threshold %.2f", tries, t)
-    return steps, round(t, 4)
+            if best is None:
+                raise MkaInputError(f"laco: no unprotected range left to reach {n_remove} layers")
+            cos, rng = best
+            log.info(
+                "laco: no candidate reached %.2f; taking layers %s (cos %.3f)", threshold, rng, cos
+            )
+            steps.append(Step.collapse(rng, score=cos))
+            removed += len(rng) - 1
+            forced += 1
+    log.info("laco: %d candidates tried, %d collapses below the threshold", tries, forced)
+    return steps, {"forced": forced, "candidates": tries}
 
 
 def manual_plan(

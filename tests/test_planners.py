@@ -159,7 +159,14 @@ def test_manual_picks(tiny, analysis):
 def test_suffix_loss_equals_the_full_forward(tiny, analysis):
     """The α search feeds cached activations past the unchanged layers: same loss, less work."""
     from mka_core.plan import Step
-    from mka_core.planners import _subset, block_input, suffix_loss
+    from mka_core.planners import (
+        _subset,
+        all_block_inputs,
+        block_input,
+        final_hidden,
+        suffix_hidden,
+        suffix_loss,
+    )
 
     small = _subset(analysis.batch, 8)
     before = [Step.drop([1])]
@@ -169,3 +176,9 @@ def test_suffix_loss_equals_the_full_forward(tiny, analysis):
         full = calibration_loss(model_view(tiny.model, comp), small)
         fast = suffix_loss(model_view(tiny.model, comp, skip=2), small, 2, cached)
         assert fast == pytest.approx(full, rel=1e-6)
+        inputs = all_block_inputs(model_view(tiny.model, compose(6, before)), small)
+        torch.testing.assert_close(inputs[2], cached)
+        torch.testing.assert_close(
+            suffix_hidden(model_view(tiny.model, comp, skip=2), small, 2, inputs[2]),
+            final_hidden(model_view(tiny.model, comp), small),
+        )
