@@ -194,6 +194,7 @@ def fidelity(
     windows: torch.Tensor,
     batch_size: int = 4,
     progress: ProgressFn | None = None,
+    reference_cache: dict | None = None,
 ) -> dict:
     """How closely `compressed` follows `original` on the windows, without labels.
 
@@ -201,6 +202,11 @@ def fidelity(
     KL(P_original || P_compressed), in nats), ``top1`` (share of positions where both argmaxes
     agree), and both perplexities (``perplexity_original``, ``perplexity_compressed``).
     Also ``n_positions``, the number of predicted positions scored.
+
+    reference_cache: an optional dict that keeps the original model's log-probabilities. An empty
+    dict is filled on the first call; later calls with the same dict, windows and batch size reuse
+    them instead of running the original again (many compressed models against one original for
+    the price of one pass; it holds n_windows x (window - 1) x vocab float32 values).
     """
     _check_model(original, "original model")
     _check_model(compressed, "compressed model")
@@ -213,13 +219,31 @@ def fidelity(
         )
     windows = _check_windows(windows, original, compressed)
     n, window = windows.shape
+    if reference_cache is not None:
+        if not isinstance(reference_cache, dict):
+            raise MkaInputError(
+                f"reference_cache must be a dict, got {type(reference_cache).__name__}"
+            )
+        seen = reference_cache.setdefault("windows", windows.clone())
+        if reference_cache.setdefault("batch_size", batch_size) != batch_size or not (
+            seen.shape == windows.shape and torch.equal(seen, windows)
+        ):
+            raise MkaInputError(
+                "reference_cache was filled for other windows or another batch size; "
+                "use a new dict for these"
+            )
     nll_o = nll_c = kl_sum = 0.0
     agree = count = 0
     with _eval_mode(original, compressed), torch.inference_mode():
         for s in range(0, n, batch_size):
             ids = windows[s : s + batch_size]  # (B, T)
             targets = ids[:, 1:]  # (B, T-1)
-            logp_o = _next_token_logprobs(original, ids)  # (B, T-1, V)
+            if reference_cache is not None and s in reference_cache:
+                logp_o = reference_cache[s]  # (B, T-1, V), the original's, from an earlier call
+            else:
+                logp_o = _next_token_logprobs(original, ids)  # (B, T-1, V)
+                if reference_cache is not None:
+                    reference_cache[s] = logp_o
             logp_c = _next_token_logprobs(compressed, ids).to(logp_o.device)  # (B, T-1, V)
             if logp_c.shape != logp_o.shape:  # e.g. a head that pads the vocabulary differently
                 raise MkaInputError(
@@ -776,8 +800,14 @@ def compare(
     mmlu_limit: int | None = None,
     meta: dict | None = None,
     progress: ProgressFn | None = None,
+    original_result: EvalResult | None = None,
+    reference_cache: dict | None = None,
 ) -> tuple[EvalResult, EvalResult]:
     """Evaluate the original model and a compressed one on the same windows: (original, compressed).
+
+    original_result: the original's result from an earlier compare with the same settings; it is
+    returned as is, so the original's speed, generations and MMLU are not measured again.
+    reference_cache: passed to `fidelity`, so the original's logits are computed once.
 
     original: a LoadedModel (or a (model, tokenizer) pair, or a bare model with `tokenizer=`).
     Perplexities and fidelity come from one forward pass of each model per window. The original's
@@ -795,6 +825,7 @@ def compare(
         windows,
         batch_size=batch_size,
         progress=_sub(progress, 0, 0.5),
+        reference_cache=reference_cache,
     )
     common = {
         "with_speed": with_speed,
@@ -805,7 +836,7 @@ def compare(
         "meta": meta,
     }
     windows = windows.long()
-    res_orig = _result(
+    res_orig = original_result or _result(
         orig_model,
         tokenizer,
         original_label,

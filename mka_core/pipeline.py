@@ -232,7 +232,12 @@ def _evaluate_pair(
     with_generations,
     mmlu_folder,
     progress,
+    original=None,
+    reference_cache=None,
 ):
+    """(original, compressed) results. `original`: the original's EvalResult from an earlier run
+    with the same settings (reused, not re-measured); `reference_cache`: a dict that keeps the
+    original's logits across runs (see evaluate.fidelity)."""
     from .evaluate import compare
 
     windows = eval_windows(loaded, eval_data, budget_tokens, window)
@@ -248,6 +253,8 @@ def _evaluate_pair(
         mmlu_folder=mmlu_folder,
         meta={"eval_data": eval_data if isinstance(eval_data, str) else "documents"},
         progress=progress,
+        original_result=original,
+        reference_cache=reference_cache,
     )
 
 
@@ -261,6 +268,8 @@ def run_plan(
     with_generations: bool = True,
     mmlu_folder=None,
     label: str | None = None,
+    original=None,
+    reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
 ) -> Run:
     """Apply a plan to a copy of the model and evaluate it against the original."""
@@ -284,6 +293,8 @@ def run_plan(
         with_generations,
         mmlu_folder,
         _scaled(progress, 0.1, 1.0),
+        original=original,
+        reference_cache=reference_cache,
     )
     return Run(
         kind="merge",
@@ -312,6 +323,8 @@ def run_transact(
     with_speed: bool = True,
     with_generations: bool = True,
     label: str | None = None,
+    original=None,
+    reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[Run, object]:
     """TransAct pruning of the original model (or of `base`, an earlier run such as a merge),
@@ -343,6 +356,8 @@ def run_transact(
         with_generations,
         None,
         _scaled(progress, 0.5, 1.0),
+        original=original,
+        reference_cache=reference_cache,
     )
     stages = (list(base.stages) if base is not None else []) + [
         {
@@ -385,6 +400,8 @@ def run_heal(
     window: int = 512,
     with_speed: bool = True,
     with_generations: bool = True,
+    original=None,
+    reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[Run, object]:
     """A short fine-tune of a compressed model on calibration text, evaluated again."""
@@ -406,6 +423,8 @@ def run_heal(
         with_generations,
         None,
         _scaled(progress, 0.6, 1.0),
+        original=original,
+        reference_cache=reference_cache,
     )
     heal_info = rep.to_dict()
     heal_info["perplexity_before"] = run.compressed.perplexity
