@@ -395,6 +395,7 @@ def run_heal(
     batch: CalibrationBatch,
     steps: int = 100,
     lr: float = 1e-4,
+    batch_size: int = 4,
     eval_data=BUILTIN,
     budget_tokens: int = 8192,
     window: int = 512,
@@ -409,7 +410,13 @@ def run_heal(
 
     t0 = time.perf_counter()
     model, rep = heal(
-        run.model, loaded.tokenizer, batch, steps=steps, lr=lr, progress=_scaled(progress, 0.0, 0.6)
+        run.model,
+        loaded.tokenizer,
+        batch,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        progress=_scaled(progress, 0.0, 0.6),
     )
     label = f"{run.label} +heal{steps}"
     orig, comp = _evaluate_pair(

@@ -46,6 +46,8 @@ PLAN_ORIGIN = "mka_plan_origin"
 RUNS = "mka_runs"  # list of pipeline.Run, oldest first (only the newest keep their model)
 HISTORY = "mka_history"  # list of dict rows, one per run of the session (MKA, TransAct, ...)
 EXPORTS = "mka_exports"  # run index -> folder it was exported to
+TRANSACT = "mka_transact"  # {"run": index into RUNS, "report": TransActReport}: the latest prune
+HEAL = "mka_heal"  # {"run": healed run index, "from": its source index, "report": HealReport}
 SIDEBAR_SLOT = "mka_sidebar_slot"  # this run's sidebar placeholder for the session status
 
 # widget keys that other code sets (a click on a heatmap moves the layer selectors)
@@ -1089,6 +1091,29 @@ def plan_filename(plan, ext: str = "json") -> str:
 # runs, history, export
 
 
+ORIGINAL_EVAL = "mka_original_eval"  # {settings key: (original EvalResult, logits cache)}
+REFERENCE_CACHE_MAX_BYTES = 1 << 30  # keep the original's log-probs when they fit in 1 GiB
+
+
+def _original_reuse(loaded, **settings) -> tuple:
+    """The original model's result and log-prob cache for these evaluation settings, if an
+    earlier run measured them: every later run then evaluates only the compressed model."""
+    key = (loaded.fingerprint, loaded.device, str(loaded.dtype), tuple(sorted(settings.items())))
+    store = st.session_state.setdefault(ORIGINAL_EVAL, {})
+    if key not in store:
+        vocab = int(loaded.model.config.vocab_size)
+        size = int(settings.get("budget_tokens", 0)) * vocab * 4
+        store.clear()  # one original at a time: the cache can be large
+        store[key] = [None, {} if size <= REFERENCE_CACHE_MAX_BYTES else None]
+    return key, store[key]
+
+
+def _remember_original(key, run) -> None:
+    entry = st.session_state.get(ORIGINAL_EVAL, {}).get(key)
+    if entry is not None and entry[0] is None:
+        entry[0] = run.original
+
+
 def run_plan(
     plan,
     budget_tokens: int,
@@ -1102,16 +1127,18 @@ def run_plan(
     from .pipeline import run_plan as _run
 
     loaded = current_model()
-    run = _run(
-        loaded,
-        plan,
+    settings = dict(
         eval_data=eval_data,
         budget_tokens=int(budget_tokens),
         window=int(window),
         with_speed=with_speed,
         with_generations=with_generations,
-        progress=progress,
     )
+    key, (original, cache) = _original_reuse(loaded, **settings)
+    run = _run(
+        loaded, plan, **settings, original=original, reference_cache=cache, progress=progress
+    )
+    _remember_original(key, run)
     record_run(run, {"eval_tokens": int(budget_tokens), "window": int(window)})
     return run
 
@@ -1214,6 +1241,26 @@ def before_after_table(run) -> pd.DataFrame:
 
     rows = [
         ("layers", str(o.n_layers), str(c.n_layers), f"−{o.n_layers - c.n_layers}"),
+    ]
+    if o.intermediate_size and c.intermediate_size:
+        rows.append(
+            (
+                "MLP width (intermediate)",
+                str(o.intermediate_size),
+                str(c.intermediate_size),
+                change(o.intermediate_size, c.intermediate_size),
+            )
+        )
+    if o.n_heads and c.n_heads:
+        rows.append(
+            (
+                "attention heads (query / KV)",
+                f"{o.n_heads} / {o.n_kv_heads}",
+                f"{c.n_heads} / {c.n_kv_heads}",
+                change(o.n_heads, c.n_heads),
+            )
+        )
+    rows += [
         ("parameters", fmt_params(o.params), fmt_params(c.params), change(o.params, c.params)),
         ("size in memory", fmt_mb(o.bytes), fmt_mb(c.bytes), change(o.bytes, c.bytes)),
         (
@@ -1324,3 +1371,600 @@ def _zip_folder(folder: str, mtime: float) -> bytes:
             if f.is_file():
                 zf.write(f, f"{root.name}/{f.relative_to(root)}")
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# shared widgets for a run: before/after and export (the Results and TransAct pages)
+
+
+def before_after_section(run, key: str = "") -> None:
+    """A run's before/after table and chart, four headline metrics and the generations.
+
+    key: a prefix for the widget keys, so two pages can show the section side by side."""
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.table(before_after_table(run), hide_index=True, border="horizontal")
+    with c2:
+        st.plotly_chart(
+            before_after_figure(run),
+            key=f"{key}before_after_chart",
+            config={"displayModeBar": False},
+        )
+    o, c = run.original, run.compressed
+    m = st.columns(4)
+    m[0].metric(
+        "Perplexity",
+        fmt_num(c.perplexity),
+        fmt_num(c.perplexity - o.perplexity),
+        delta_color="inverse",
+    )
+    m[1].metric("Top-1 agreement", fmt_pct(c.top1))
+    m[2].metric(
+        "Parameters",
+        fmt_params(c.params),
+        f"{100 * (c.params / o.params - 1):.1f} %",
+        delta_color="inverse",
+    )
+    m[3].metric(
+        "Decode speed", f"{fmt_num(c.decode_tps, 1)} tok/s" if c.decode_tps else "not measured"
+    )
+    if o.generations and c.generations:
+        st.markdown("**Generations** (greedy, same prompts)")
+        left, right = st.columns(2)
+        left.caption("original")
+        right.caption(f"compressed: {run.label}")
+        for a, b in zip(o.generations, c.generations):
+            left, right = st.columns(2)
+            left.container(border=True).text(a)
+            right.container(border=True).text(b)
+
+
+WIDGET_OPTIONS = "mka_widget_options"  # widget key -> the options it was last drawn with
+
+
+def follow_newest(widget_key: str, options: list, newest=None) -> None:
+    """Point a selectbox at `newest` (default: the last option) whenever its options change.
+
+    Call before drawing the widget, and draw it without `index`. A selectbox keyed by the user
+    keeps its value when its options change (a new run would not be selected) and keeps None
+    when it was first drawn with no options."""
+    seen = st.session_state.setdefault(WIDGET_OPTIONS, {})
+    options = list(options)
+    if seen.get(widget_key) != options or st.session_state.get(widget_key) not in options:
+        seen[widget_key] = options
+        pick = newest if newest in options else (options[-1] if options else None)
+        st.session_state[widget_key] = pick
+
+
+def export_section(key: str = "", default_index: int | None = None) -> None:
+    """Save a run's compressed model as a Hugging Face folder, then offer it as a zip.
+
+    key: a prefix for the widget keys; default_index: the run selected first (the newest)."""
+    runs = st.session_state.get(RUNS) or []
+    if not runs:
+        return
+    default = len(runs) - 1 if default_index is None else default_index
+    seen = st.session_state.get(WIDGET_OPTIONS, {}).get(f"{key}export_run")
+    if seen != list(range(len(runs))) or f"{key}export_folder" not in st.session_state:
+        # a new run (or back from another page, which drops widget state): the default folder
+        st.session_state[f"{key}export_folder"] = f"out/run-{default + 1}"
+    follow_newest(f"{key}export_run", range(len(runs)), default)
+    with st.form(f"{key}export_form"):
+        c1, c2 = st.columns([1, 2])
+        index = c1.selectbox(
+            "Run",
+            list(range(len(runs))),
+            format_func=lambda i: f"{i + 1}: {runs[i].label}",
+            key=f"{key}export_run",
+        )
+        folder = c2.text_input("Output folder", key=f"{key}export_folder")
+        overwrite = st.checkbox(
+            "Replace the folder if it exists", False, key=f"{key}export_overwrite"
+        )
+        do_export = st.form_submit_button("Export", key=f"{key}export_submit")
+    if do_export:
+        try:
+            with st.spinner("Saving…"):
+                path = export_run(index, folder, overwrite=overwrite)
+            st.success(f"Saved to {path}")
+        except MkaInputError as e:
+            st.error(str(e))
+    exports = st.session_state.get(EXPORTS, {})
+    if index in exports:
+        data = folder_zip(exports[index])
+        if data is None:
+            st.caption("The folder is too large for a download here; copy it from the path above.")
+        else:
+            st.download_button(
+                f"Download {exports[index]} as .zip ({fmt_mb(len(data))})",
+                data,
+                file_name=f"{runs[index].label.replace(' ', '_')}.zip",
+                mime="application/zip",
+                key=f"{key}dl_model_zip",
+            )
+
+
+def _series_name(kind: str, planner: str) -> str:
+    """The comparison chart's series of a run: the method, whether or not it was healed."""
+    kind = kind.replace("+heal", "")
+    if kind == "merge":
+        return f"merge: {planner}"
+    if kind == "transact":
+        return "TransAct"
+    if kind == "merge+transact":
+        return f"merge ({planner}) + TransAct"
+    return f"{kind}: {planner}"
+
+
+SERIES_COLORS = ("#4c6ef5", "#e8590c", "#37b24d", "#ae3ec9", "#1098ad", "#f59f00", "#d6336c")
+
+
+def comparison_figure(df: pd.DataFrame) -> go.Figure:
+    """Perplexity against parameters removed (%): layer merging and intra-module pruning on one
+    axis, so runs of equal size can be compared. One series per method (each starts at the
+    original model, 0 % removed); healed runs are stars joined to the run they healed."""
+    fig = go.Figure()
+    df = df.copy()
+    df["series"] = [_series_name(str(k), str(p)) for k, p in zip(df["kind"], df["planner"])]
+    healed = df["healed"].astype(bool) if "healed" in df else pd.Series(False, index=df.index)
+    for i, (name, part) in enumerate(df.groupby("series", sort=True)):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        plain = part[~healed[part.index]].sort_values("params_removed_pct")
+        if not plain.empty:
+            fig.add_trace(
+                go.Scatter(
+                    x=[0.0, *plain["params_removed_pct"]],
+                    y=[float(plain["perplexity_original"].iloc[0]), *plain["perplexity"]],
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    line={"color": color},
+                    marker={"size": 9},
+                    text=[
+                        "original",
+                        *(f"run {r}: {lab}" for r, lab in zip(plain["run"], plain["label"])),
+                    ],
+                    hovertemplate="%{text}<br>%{x:.1f} % of the parameters removed: "
+                    "perplexity %{y:.2f}<extra></extra>",
+                )
+            )
+        cured = part[healed[part.index]]
+        if cured.empty:
+            continue
+        for _, row in cured.iterrows():
+            src = df[df["run"] == row.get("healed_from")] if "healed_from" in df else df.iloc[:0]
+            if not src.empty:  # a dotted line from the run that was healed to its healed copy
+                fig.add_trace(
+                    go.Scatter(
+                        x=[float(src["params_removed_pct"].iloc[0]), row["params_removed_pct"]],
+                        y=[float(src["perplexity"].iloc[0]), row["perplexity"]],
+                        mode="lines",
+                        line={"color": color, "dash": "dot"},
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup=name,
+                    )
+                )
+        fig.add_trace(
+            go.Scatter(
+                x=cured["params_removed_pct"],
+                y=cured["perplexity"],
+                mode="markers",
+                name=f"{name}, healed",
+                legendgroup=name,
+                marker={"size": 15, "symbol": "star", "color": color, "line": {"width": 1}},
+                text=[f"run {r}: {lab}" for r, lab in zip(cured["run"], cured["label"])],
+                hovertemplate="%{text}<br>%{x:.1f} % of the parameters removed: "
+                "perplexity %{y:.2f}<extra></extra>",
+            )
+        )
+    base = float(df["perplexity_original"].iloc[-1])
+    fig.add_hline(y=base, line_dash="dot", line_color="#868e96", annotation_text="original")
+    ppl = pd.concat([df["perplexity"], df["perplexity_original"]]).astype(float)
+    log_y = bool(ppl.min() > 0 and ppl.max() / ppl.min() > 20)  # a collapse would flatten the rest
+    fig.update_layout(
+        title={
+            "text": "Perplexity against parameters removed (stars: healed)",
+            "x": 0.5,
+            "xanchor": "center",
+            "font": {"size": 14},
+        },
+        height=400,
+        margin={"l": 60, "r": 10, "t": 40, "b": 45},
+        xaxis={"title": "parameters removed (%)", "rangemode": "tozero", "ticksuffix": " %"},
+        yaxis={
+            "title": "perplexity" + (" (log scale)" if log_y else ""),
+            "type": "log" if log_y else "linear",
+        },
+        legend={"title": "method"},
+        showlegend=True,  # name the method even when there is one series
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# TransAct and healing
+
+
+def _model_of(run_index: int | None):
+    """The module to prune (a run's compressed model, or the session's original) and its params."""
+    if run_index is None:
+        loaded = current_model()
+        return loaded.model, model_summary(loaded).n_params
+    run = st.session_state[RUNS][run_index]
+    return run.model, run.compressed.params
+
+
+def transact_preview(mlp_keep: float, heads_keep: float, base_index: int | None = None) -> dict:
+    """The shape a TransAct prune would give, without pruning: the kept intermediate size and
+    query heads (rounded the way `transact.prune` rounds), and about how many parameters go."""
+    # transact.py keeps its shape rules private; reuse them rather than repeat them here
+    from .transact import _head_chain, _resolve_keep, _shape, _snap_heads
+
+    model, params_start = _model_of(base_index)
+    shape = _shape(model)
+    cfg = model.config
+    d = int(cfg.hidden_size)
+    n_layers = int(cfg.num_hidden_layers)
+    inter = _resolve_keep(float(mlp_keep), shape.intermediate, "mlp_keep")
+    g, p = _snap_heads(
+        _head_chain(shape, d), _resolve_keep(float(heads_keep), shape.n_heads, "heads_keep")
+    )
+    hd = shape.head_dim
+    # gate/up/down lose 3·d weights per neuron; q/o lose 2·d·head_dim per query head, k/v the
+    # same per KV head (biases, where a model has any, are a rounding error here)
+    per_layer = lambda i, h, kv: 3 * d * i + 2 * d * hd * (h + kv)  # noqa: E731
+    removed = n_layers * (
+        per_layer(shape.intermediate, shape.n_heads, shape.n_kv) - per_layer(inter, g * p, g)
+    )
+    original = model_summary(current_model()).n_params
+    heads = (
+        f"heads {shape.n_heads} → {g * p} ({p} per KV group)"
+        if g == shape.n_kv
+        else f"heads {shape.n_heads} → {g * p} (whole KV groups go: {g} of {shape.n_kv} left, "
+        f"1 head each)"
+    )
+    return {
+        "text": f"intermediate {shape.intermediate} → {inter}, {heads}",
+        "intermediate": (shape.intermediate, inter),
+        "n_heads": (shape.n_heads, g * p),
+        "n_kv_heads": (shape.n_kv, g),
+        "params_removed_pct": 100.0 * (original - (params_start - removed)) / original,
+        "layers_equivalent": removed / per_layer(shape.intermediate, shape.n_heads, shape.n_kv),
+    }
+
+
+def latest_merge_index() -> int | None:
+    """The newest merge run (healed or not) of the current model whose model is still in memory:
+    the base for "TransAct after the current merge"."""
+    for i in reversed(heal_candidates()):
+        run = st.session_state[RUNS][i]
+        if run.plan is not None and "transact" not in run.kind:
+            return i
+    return None
+
+
+def heal_candidates() -> list[int]:
+    """Indices of the runs that can be healed (or pruned further): their compressed model is
+    still in memory and was made from the model loaded now (the calibration text is its)."""
+    loaded = current_model()
+    runs = st.session_state.get(RUNS) or []
+    return [
+        i
+        for i, run in enumerate(runs)
+        if run.model is not None and loaded is not None and run.source == loaded.source
+    ]
+
+
+def _analysis_batch():
+    analysis = st.session_state.get(ANALYSIS)
+    if current_model() is None or analysis is None:
+        raise MkaInputError(
+            "no calibration batch: capture activations on the Similarity page first"
+        )
+    return analysis.batch
+
+
+def run_transact(
+    mlp_keep: float,
+    heads_keep: float,
+    shots: int = 4,
+    after_merge: bool = False,
+    budget_tokens: int = 8192,
+    window: int = 512,
+    with_speed: bool = True,
+    with_generations: bool = True,
+    eval_data: str = "builtin",
+    progress: ProgressFn | None = None,
+):
+    """Prune the original (or the newest merge) on the analysis's calibration batch, evaluate it
+    against the original and record the run; returns (run, TransActReport)."""
+    from .pipeline import run_transact as _run
+
+    batch = _analysis_batch()
+    base_index = None
+    if after_merge:
+        base_index = latest_merge_index()
+        if base_index is None:
+            raise MkaInputError(
+                "no merge to prune after: run a plan on the Results page first (its model must "
+                "still be in memory), or untick 'TransAct after the current merge'"
+            )
+    runs = st.session_state[RUNS]
+    loaded = current_model()
+    settings = dict(
+        eval_data=eval_data,
+        budget_tokens=int(budget_tokens),
+        window=int(window),
+        with_speed=with_speed,
+        with_generations=with_generations,
+    )
+    key, (original, cache) = _original_reuse(loaded, **settings)
+    run, rep = _run(
+        loaded,
+        batch,
+        mlp_keep=float(mlp_keep),
+        heads_keep=float(heads_keep),
+        shots=int(shots),
+        base=runs[base_index] if base_index is not None else None,
+        **settings,
+        original=original,
+        reference_cache=cache,
+        progress=progress,
+    )
+    _remember_original(key, run)
+    index = record_run(
+        run,
+        {
+            "eval_tokens": int(budget_tokens),
+            "window": int(window),
+            "mlp_keep": float(mlp_keep),
+            "heads_keep": float(heads_keep),
+            "shots": int(shots),
+            "intermediate_size": rep.new_intermediate_size,
+            "n_heads": rep.new_n_heads,
+            "n_kv_heads": rep.new_n_kv_heads,
+            "base_run": base_index + 1 if base_index is not None else None,
+        },
+    )
+    st.session_state[TRANSACT] = {"run": index, "report": rep}
+    return run, rep
+
+
+def heal_defaults(loaded) -> dict:
+    """Heal defaults: 30 steps on a CPU (each AdamW step of a 135M model takes seconds there),
+    100 on a GPU; learning rate 1e-4."""
+    return {"steps": 100 if on_gpu(loaded) else 30, "lr": 1e-4}
+
+
+HEAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
+
+
+def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn | None = None):
+    """Fine-tune a run's compressed model on the calibration batch, evaluate it the way its
+    source run was evaluated (so perplexity before → after compares like with like), record it.
+    Returns (healed run, HealReport)."""
+    from .pipeline import run_heal as _heal
+
+    batch = _analysis_batch()
+    if run_index is None:
+        raise MkaInputError(
+            "no compressed model in memory to heal: prune one above, or run a plan on the "
+            "Results page first"
+        )
+    if run_index not in heal_candidates():
+        raise MkaInputError(
+            f"run {run_index + 1} cannot be healed: its model is no longer in memory (only the "
+            f"last {KEEP_MODELS} are kept) or was made from another model"
+        )
+    run = st.session_state[RUNS][run_index]
+    row = st.session_state[HISTORY][run_index]
+    loaded = current_model()
+    defaults = eval_defaults(loaded)
+    settings = dict(
+        eval_data=row.get("eval_data", "builtin"),
+        budget_tokens=int(row.get("eval_tokens") or defaults["budget_tokens"]),
+        window=int(row.get("window") or defaults["window"]),
+        with_speed=run.compressed.decode_tps is not None,
+        with_generations=bool(run.compressed.generations),
+    )
+    key, (original, cache) = _original_reuse(loaded, **settings)
+    healed, rep = _heal(
+        loaded,
+        run,
+        batch,
+        steps=int(steps),
+        lr=float(lr),
+        **settings,
+        original=original,
+        reference_cache=cache,
+        progress=progress,
+    )
+    _remember_original(key, healed)
+    extra = {k: row[k] for k in ("eval_tokens", "window") if k in row}
+    extra.update(healed_from=run_index + 1, heal_steps=int(steps), heal_lr=float(lr))
+    index = record_run(healed, extra)
+    st.session_state[HEAL] = {"run": index, "from": run_index, "report": rep}
+    return healed, rep
+
+
+def heal_loss_figure(rep) -> go.Figure:
+    """The training loss of every heal step, with a running mean when there are many steps."""
+    losses = np.asarray(rep.losses, dtype=float)  # (steps,)
+    steps = np.arange(1, len(losses) + 1)
+    fig = go.Figure(
+        go.Scatter(
+            x=steps,
+            y=losses,
+            mode="lines+markers" if len(losses) <= 60 else "lines",
+            name="loss per step",
+            line={"color": "#adb5bd" if len(losses) >= 10 else "#4c6ef5"},
+            hovertemplate="step %{x}: loss %{y:.3f}<extra></extra>",
+        )
+    )
+    if len(losses) >= 10:
+        w = max(3, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        fig.add_trace(
+            go.Scatter(
+                x=steps[w - 1 :],
+                y=smooth,
+                mode="lines",
+                name=f"mean of {w} steps",
+                line={"color": "#4c6ef5", "width": 3},
+                hovertemplate="step %{x}: mean loss %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title={"text": "Training loss while healing", "x": 0.5, "xanchor": "center"},
+        height=320,
+        margin={"l": 50, "r": 10, "t": 40, "b": 45},
+        xaxis={"title": "step", "rangemode": "tozero"},
+        yaxis={"title": "loss (nats per token)"},
+        legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 1, "xanchor": "right"},
+    )
+    return fig
+
+
+def _kept_share(scores: np.ndarray, index: list, kept: list) -> float:
+    """Share of a layer's score sum that the kept units carry."""
+    total = float(scores.sum())
+    return float(scores[np.isin(index, kept)].sum()) / total if total > 0 else 0.0
+
+
+def transact_figures(rep) -> tuple[go.Figure, go.Figure, go.Figure]:
+    """Three views of the last scoring pass of a prune: MLP neuron scores sorted per layer with
+    the cut, head scores per layer with the kept heads marked, and the score mass kept per layer.
+
+    The last pass scores the units that survived the earlier shots; units pruned before it have
+    no score there."""
+    n_layers = len(rep.mlp_scores)
+    layers = list(range(n_layers))
+    mlp = np.asarray(rep.mlp_scores, dtype=float)  # (n_layers, neurons scored in the last pass)
+    ranked = -np.sort(-mlp, axis=1)  # each layer's scores, largest first
+    top = np.maximum(ranked[:, :1], 1e-12)
+    keep = rep.new_intermediate_size
+    mlp_fig = go.Figure(
+        go.Heatmap(
+            z=np.round(ranked / top, 3),
+            x=np.arange(1, ranked.shape[1] + 1),
+            y=layers,
+            customdata=np.round(ranked, 3),
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": {"text": "÷ layer max", "side": "right"}, "thickness": 12},
+            hovertemplate="layer %{y}, rank %{x}: score %{customdata} (%{z:.2f} of the "
+            "layer's top)<extra></extra>",
+        )
+    )
+    mlp_fig.add_vline(x=keep + 0.5, line_color="#ff3c3c", line_width=2)
+    mlp_fig.add_annotation(  # above the plot, where the heatmap's colours cannot hide it
+        x=keep + 0.5,
+        y=1.0,
+        yref="paper",
+        yanchor="bottom",
+        text=f"cut: keep the top {keep}",
+        showarrow=False,
+        font={"color": "#e03131", "size": 12},
+    )
+    mlp_fig.update_layout(
+        title={
+            "text": "MLP neuron scores, sorted in each layer",
+            "x": 0.5,
+            "xanchor": "center",
+            "font": {"size": 14},
+        },
+        height=max(320, 16 * n_layers + 130),
+        margin={"l": 50, "r": 10, "t": 60, "b": 45},
+        xaxis={"title": "neuron rank in its layer"},
+        yaxis={"title": "layer", "autorange": "reversed", "dtick": 1 if n_layers <= 16 else 2},
+    )
+
+    n_heads, n_kv = rep.original_n_heads, rep.original_n_kv_heads
+    per_group = n_heads // n_kv
+    z = np.full((n_layers, n_heads), np.nan)  # (n_layers, original heads): NaN = pruned before
+    raw = np.full((n_layers, n_heads), np.nan)
+    marks = [[""] * n_heads for _ in layers]
+    for i in layers:
+        s = np.asarray(rep.head_scores[i], dtype=float)
+        raw[i, rep.head_scores_index[i]] = s
+        z[i, rep.head_scores_index[i]] = s / max(float(s.max()), 1e-12)
+        for h in rep.heads_kept[i]:
+            marks[i][h] = "✓"
+    heads_fig = go.Figure(
+        go.Heatmap(
+            z=np.round(z, 3),
+            x=list(range(n_heads)),
+            y=layers,
+            text=marks,
+            texttemplate="%{text}",
+            textfont={"color": "#212529", "size": 13},  # kept heads are the bright cells
+            customdata=np.round(raw, 3),
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": {"text": "÷ layer max", "side": "right"}, "thickness": 12},
+            hovertemplate="layer %{y}, head %{x}: score %{customdata}<extra></extra>",
+        )
+    )
+    for g in range(1, n_kv):  # KV group boundaries
+        heads_fig.add_vline(x=g * per_group - 0.5, line_color="white", line_width=3)
+    heads_fig.update_layout(
+        title={
+            "text": f"Query head scores (✓ kept; {n_kv} KV groups of {per_group})",
+            "x": 0.5,
+            "xanchor": "center",
+            "font": {"size": 14},
+        },
+        height=max(320, 16 * n_layers + 130),
+        margin={"l": 50, "r": 10, "t": 60, "b": 45},
+        xaxis={"title": "query head", "dtick": 1},
+        yaxis={"title": "layer", "autorange": "reversed", "dtick": 1 if n_layers <= 16 else 2},
+        plot_bgcolor="#e9ecef",  # heads pruned in earlier shots show as grey
+    )
+
+    mass_fig = go.Figure()
+    for name, scores, index, kept, color in (
+        ("MLP neurons", rep.mlp_scores, rep.mlp_scores_index, rep.mlp_kept, "#4c6ef5"),
+        ("attention heads", rep.head_scores, rep.head_scores_index, rep.heads_kept, "#e8590c"),
+    ):
+        share = len(kept[0]) / max(len(index[0]), 1)  # of the units scored in the last pass
+        kept_mass = [
+            100 * _kept_share(np.asarray(scores[i], dtype=float), index[i], kept[i]) for i in layers
+        ]
+        mass_fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=kept_mass,
+                mode="lines+markers",
+                name=f"{name}: score kept",
+                line={"color": color},
+                hovertemplate=f"layer %{{x}}: the kept {name} carry %{{y:.1f}} % of the "
+                "score<extra></extra>",
+            )
+        )
+        mass_fig.add_trace(
+            go.Scatter(
+                x=[layers[0], layers[-1]],
+                y=[100 * share, 100 * share],
+                mode="lines",
+                name=f"{name}: share of units kept",
+                line={"color": color, "dash": "dash", "width": 1},
+                hoverinfo="skip",
+            )
+        )
+    mass_fig.update_layout(
+        title={
+            "text": "Score mass kept per layer in the last shot (dashed: share of units kept)",
+            "x": 0.5,
+            "xanchor": "center",
+            "font": {"size": 14},
+        },
+        height=340,
+        margin={"l": 50, "r": 10, "t": 40, "b": 45},
+        xaxis={"title": "layer", "dtick": 1 if n_layers <= 32 else 2},
+        yaxis={"title": "% of the layer's score", "range": [0, 105]},
+        legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
+    )
+    return mlp_fig, heads_fig, mass_fig

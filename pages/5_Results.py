@@ -70,45 +70,23 @@ if run is None:
     st.stop()
 
 st.subheader(f"Before / after — {run.label}")
-c1, c2 = st.columns([3, 2])
-with c1:
-    st.table(ui.before_after_table(run), hide_index=True, border="horizontal")
-with c2:
-    st.plotly_chart(
-        ui.before_after_figure(run), key="before_after_chart", config={"displayModeBar": False}
-    )
-o, c = run.original, run.compressed
-m = st.columns(4)
-m[0].metric(
-    "Perplexity",
-    ui.fmt_num(c.perplexity),
-    ui.fmt_num(c.perplexity - o.perplexity),
-    delta_color="inverse",
-)
-m[1].metric("Top-1 agreement", ui.fmt_pct(c.top1))
-m[2].metric(
-    "Parameters",
-    ui.fmt_params(c.params),
-    f"{100 * (c.params / o.params - 1):.1f} %",
-    delta_color="inverse",
-)
-m[3].metric(
-    "Decode speed", f"{ui.fmt_num(c.decode_tps, 1)} tok/s" if c.decode_tps else "not measured"
-)
-
-if o.generations and c.generations:
-    st.subheader("Generations (greedy, same prompts)")
-    left, right = st.columns(2)
-    left.caption("original")
-    right.caption(f"compressed ({c.n_layers} layers)")
-    for a, b in zip(o.generations, c.generations):
-        left, right = st.columns(2)
-        left.container(border=True).text(a)
-        right.container(border=True).text(b)
+ui.before_after_section(run)
 
 st.subheader("History of this session")
 history = ui.history_frame()
-st.plotly_chart(ui.history_figure(history), key="history_chart", config={"displayModeBar": False})
+tab_params, tab_layers = st.tabs(["Perplexity vs parameters removed", "vs layers removed"])
+with tab_params:
+    st.plotly_chart(
+        ui.comparison_figure(history), key="history_params_chart", config={"displayModeBar": False}
+    )
+    st.caption(
+        "Merges (Results) and TransAct prunes (TransAct page) on one axis: compare methods at "
+        "equal parameter counts. Stars: healed runs, joined to the run they healed."
+    )
+with tab_layers:
+    st.plotly_chart(
+        ui.history_figure(history), key="history_chart", config={"displayModeBar": False}
+    )
 st.dataframe(
     history,
     hide_index=True,
@@ -137,36 +115,4 @@ st.caption(
     "A standard Hugging Face folder (safetensors, config, tokenizer) that plain transformers "
     "loads, with plan.json and mka-run.json (every number above) beside it."
 )
-runs = st.session_state[ui.RUNS]
-with st.form("export_form"):
-    c1, c2 = st.columns([1, 2])
-    index = c1.selectbox(
-        "Run",
-        list(range(len(runs))),
-        index=len(runs) - 1,
-        format_func=lambda i: f"{i + 1}: {runs[i].label}",
-        key="export_run",
-    )
-    folder = c2.text_input("Output folder", f"out/run-{len(runs)}", key="export_folder")
-    overwrite = st.checkbox("Replace the folder if it exists", False, key="export_overwrite")
-    do_export = st.form_submit_button("Export", key="export_submit")
-if do_export:
-    try:
-        with st.spinner("Saving…"):
-            path = ui.export_run(index, folder, overwrite=overwrite)
-        st.success(f"Saved to {path}")
-    except MkaInputError as e:
-        st.error(str(e))
-exports = st.session_state.get(ui.EXPORTS, {})
-if index in exports:
-    data = ui.folder_zip(exports[index])
-    if data is None:
-        st.caption("The folder is too large for a download here; copy it from the path above.")
-    else:
-        st.download_button(
-            f"Download {exports[index]} as .zip ({ui.fmt_mb(len(data))})",
-            data,
-            file_name=f"{runs[index].label.replace(' ', '_')}.zip",
-            mime="application/zip",
-            key="dl_model_zip",
-        )
+ui.export_section()

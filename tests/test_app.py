@@ -21,6 +21,7 @@ PAGES = {
     "manifold": "pages/3_Manifold.py",
     "plan": "pages/4_Plan.py",
     "results": "pages/5_Results.py",
+    "transact": "pages/6_TransAct.py",
 }
 TIMEOUT = 120
 
@@ -379,3 +380,137 @@ def test_results_run_history_and_export(tmp_path):
     assert not _errors(at)
     assert (out / "config.json").is_file() and (out / "plan.json").is_file()
     assert any("zip" in b.proto.label for b in at.get("download_button"))
+
+
+# ---------------------------------------------------------------------------------------------
+# TransAct page
+
+
+def _figures(at) -> dict[str, dict]:
+    """The page's plotly figures by title."""
+    out = {}
+    for chart in at.get("plotly_chart"):
+        fig = json.loads(chart.proto.spec)
+        title = fig["layout"].get("title", {}).get("text")
+        if title:
+            out[title] = fig
+    return out
+
+
+def _values(data) -> list:
+    """A figure's data array: plotly writes numpy arrays as base64 ("bdata") with a dtype."""
+    if isinstance(data, dict) and "bdata" in data:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"]).tolist()
+    return list(data)
+
+
+def _prune(at, mlp_keep=0.5, heads_keep=0.5, after_merge=False):
+    at.slider(key="ta_mlp_keep").set_value(mlp_keep)
+    at.slider(key="ta_heads_keep").set_value(heads_keep)
+    if after_merge:
+        at.checkbox(key="ta_after_merge").check()
+    at.slider(key="ta_shots").set_value(2)
+    at.number_input(key="ta_eval_budget").set_value(512)
+    at.number_input(key="ta_eval_window").set_value(128)
+    at.checkbox(key="ta_eval_speed").uncheck()
+    at.checkbox(key="ta_eval_generations").uncheck()
+    at.button(key="ta_run").click().run()
+    _ok(at)
+    return at
+
+
+def test_transact_without_analysis_points_to_similarity():
+    at = _with_model("transact")
+    assert any("Similarity" in i.value and "No activations" in i.value for i in at.info)
+    assert not at.get("plotly_chart") and not at.button
+
+
+def test_transact_prune_then_heal_on_tiny():
+    at = _with_analysis("transact")
+    at.slider(key="ta_mlp_keep").set_value(0.5)
+    at.slider(key="ta_heads_keep").set_value(0.5).run()
+    _ok(at)
+    # the live preview: tiny:llama has intermediate 128 and 4 query heads over 2 KV heads
+    shape = " ".join(m.value for m in at.markdown if "Resulting shape" in m.value)
+    assert "intermediate 128 → 64, heads 4 → 2 (1 per KV group)" in shape
+    _prune(at)
+    assert not _errors(at), _errors(at)
+    assert not at.warning, [w.value for w in at.warning]
+    row = at.session_state[ui.HISTORY][-1]
+    assert row["kind"] == "transact" and row["layers"] == 6  # the layers all stay
+    assert row["intermediate_size"] == 64 and row["n_heads"] == 2 and row["n_kv_heads"] == 2
+    assert 30 < row["params_removed_pct"] < 60
+    run = at.session_state[ui.RUNS][-1]
+    assert run.model.config.intermediate_size == 64
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["MLP width"] == "128 → 64" and metrics["Query heads"] == "4 → 2"
+    table = at.table[0].value
+    rows = dict(zip(table["metric"], zip(table["original"], table["compressed"])))
+    assert rows["MLP width (intermediate)"] == ("128", "64")
+    assert rows["attention heads (query / KV)"] == ("4 / 2", "2 / 2")
+    figures = _figures(at)
+    heads = next(f for t, f in figures.items() if t.startswith("Query head scores"))
+    marks = [m for row_ in heads["data"][0]["text"] for m in row_]
+    assert marks.count("✓") == 6 * 2  # two kept heads in each of the six layers
+    assert "MLP neuron scores, sorted in each layer" in figures
+    comparison = figures["Perplexity against parameters removed (stars: healed)"]
+    assert comparison["layout"]["xaxis"]["title"]["text"] == "parameters removed (%)"
+
+    # heal the pruned model for three steps: a new run, perplexity before → after shown
+    assert at.selectbox(key="heal_run").value == len(at.session_state[ui.RUNS]) - 1
+    at.slider(key="heal_steps").set_value(3)
+    at.button(key="heal_submit").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    healed = at.session_state[ui.HISTORY][-1]
+    assert healed["kind"] == "transact+heal" and healed["healed"]
+    assert healed["healed_from"] == row["run"] and healed["heal_steps"] == 3
+    assert healed["params"] == row["params"]  # healing trains, it does not resize
+    assert len(at.session_state[ui.HEAL]["report"].losses) == 3
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Perplexity before healing"] == f"{row['perplexity']:,.2f}"
+    assert metrics["Perplexity after healing"] == f"{healed['perplexity']:,.2f}"
+    figures = _figures(at)
+    loss = figures["Training loss while healing"]
+    assert len(_values(loss["data"][0]["y"])) == 3
+    comparison = figures["Perplexity against parameters removed (stars: healed)"]
+    assert any(t.get("marker", {}).get("symbol") == "star" for t in comparison["data"])
+
+    # the Results page shows the same history, the comparison chart first
+    _go(at, "results")
+    assert len(at.session_state[ui.HISTORY]) == 2
+    assert "Perplexity against parameters removed (stars: healed)" in _figures(at)
+
+
+def test_transact_after_a_merge():
+    at = _run_plan(_with_plan("results"))
+    _go(at, "transact")
+    _prune(at, mlp_keep=0.75, heads_keep=1.0, after_merge=True)
+    assert not _errors(at), _errors(at)
+    row = at.session_state[ui.HISTORY][-1]
+    assert row["kind"] == "merge+transact" and row["planner"] == "mka"
+    assert row["layers"] == 5 and row["intermediate_size"] == 96 and row["n_heads"] == 4
+    assert row["base_run"] == 1
+    # the new run becomes the choice for healing and export (the merge was drawn there first)
+    assert at.selectbox(key="heal_run").value == 1
+    assert at.selectbox(key="ta_export_run").value == 1
+    assert at.text_input(key="ta_export_folder").value == "out/run-2"
+    merge = at.session_state[ui.HISTORY][0]
+    assert row["params_removed_pct"] > merge["params_removed_pct"]
+
+
+def test_transact_bad_inputs_show_messages():
+    at = _with_analysis("transact")
+    # healing with no compressed model in the session
+    assert at.selectbox(key="heal_run").value is None
+    at.button(key="heal_submit").click().run()
+    _ok(at)
+    assert any("no compressed model in memory" in e for e in _errors(at)), _errors(at)
+    # "after the current merge" with no merge run
+    _prune(at, after_merge=True)
+    assert any("no merge to prune after" in e for e in _errors(at)), _errors(at)
+    assert not at.session_state[ui.HISTORY]

@@ -1,5 +1,5 @@
 """The app in a real browser: headless Chromium through Playwright, clicking through
-model → similarity → manifold → plan → results on the tiny model, with a screenshot of each page
+model → similarity → manifold → plan → results → TransAct on the tiny model, with a screenshot of each page
 under test-output/screenshots/."""
 
 from __future__ import annotations
@@ -209,3 +209,24 @@ def test_click_through_tiny_model(page):
     assert page.locator('[data-testid="stDataFrame"]').first.is_visible()  # the history
     assert page.get_by_text("History of this session").is_visible()
     _shot(page, "5_results")
+
+    _goto(page, "TransAct")
+    page.get_by_text("Resulting shape").first.wait_for()
+    assert page.get_by_text("intermediate 128 → 64, heads 4 → 2").first.is_visible()
+    page.get_by_role("button", name="Prune and evaluate").click()
+    page.get_by_text("Before / after — transact", exact=False).first.wait_for(timeout=240_000)
+    _idle(page)
+    _no_exception(page)
+    assert page.get_by_text("MLP neuron scores").first.is_visible()
+    _shot(page, "6_transact")
+    # 5 heal steps instead of the CPU default 30: move the slider with the keyboard
+    page.get_by_role("slider", name="Steps").focus()
+    page.keyboard.press("Home")
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    page.get_by_role("button", name="Heal and evaluate").click()
+    page.get_by_text("Perplexity after healing").first.wait_for(timeout=240_000)
+    _idle(page)
+    _no_exception(page)
+    assert page.get_by_text("Training loss while healing").first.is_visible()
+    _shot(page, "6_transact_healed")
