@@ -264,9 +264,7 @@ def cmd_plan(args) -> int:
             recompute=args.recompute,
             progress=progress,
         )
-    write_text_atomic(
-        out, plan.to_json() if hasattr(plan, "to_json") else json.dumps(plan.to_dict())
-    )
+    write_text_atomic(out, plan.to_json(), overwrite=args.overwrite)
     print(
         json.dumps(
             {

@@ -20,35 +20,12 @@ from pathlib import Path
 import yaml
 
 from .errors import MkaInputError
+from .files import write_text_atomic as save_text_atomic  # noqa: F401 (re-exported)
 from .plan import Plan
 
 log = logging.getLogger(__name__)
 
 MERGEKIT_PLACEHOLDER = "path/to/model"
-
-
-def save_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise MkaInputError(f"{p} is a folder; expected a file name")
-    if p.exists() and not overwrite:
-        raise MkaInputError(f"{p} already exists; pass overwrite=True (--overwrite) to replace it")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    except OSError as e:
-        raise MkaInputError(f"cannot write {p}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def _check_destination(out: Path, overwrite: bool, loaded_from) -> None:

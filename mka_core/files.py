@@ -53,21 +53,25 @@ def atomic_dir(
         raise
 
 
-def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> Path:
-    """Write a small text file through a temporary name."""
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise MkaInputError(f"{path} exists (use --overwrite)")
-    if path.is_dir():
-        raise MkaInputError(f"{path} is a folder, expected a file name")
-    if not path.resolve().parent.is_dir():
-        raise MkaInputError(f"folder of {path} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MkaInputError(f"{p} is a folder; expected a file name")
+    if p.exists() and not overwrite:
+        raise MkaInputError(f"{p} already exists; pass overwrite=True (--overwrite) to replace it")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as e:
+        raise MkaInputError(f"cannot write {p}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return p

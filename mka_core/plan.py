@@ -492,7 +492,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write the plan JSON atomically (temporary file in the same folder, then rename)."""
-        from .export import save_text_atomic
+        from .files import write_text_atomic as save_text_atomic
 
         return save_text_atomic(path, self.to_json(), overwrite=overwrite)
 
