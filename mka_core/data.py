@@ -50,6 +50,17 @@ class CalibrationBatch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def subset(self, n: int) -> CalibrationBatch:
+        """`n` samples, evenly spaced over the batch (the same text, fewer samples)."""
+        n = min(n, self.n_samples)
+        idx = [(i * self.n_samples) // n for i in range(n)]
+        return CalibrationBatch(
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            [self.doc_index[i] for i in idx],
+            [self.labels[i] for i in idx],
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # sources of documents

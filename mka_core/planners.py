@@ -88,15 +88,7 @@ def model_view(
 
 
 def _subset(batch: CalibrationBatch, n: int) -> CalibrationBatch:
-    """The first `n` samples, spread over the batch (the batch is already spread over the data)."""
-    n = min(n, batch.n_samples)
-    idx = [(i * batch.n_samples) // n for i in range(n)]
-    return CalibrationBatch(
-        batch.input_ids[idx],
-        batch.attention_mask[idx],
-        [batch.doc_index[i] for i in idx],
-        [batch.labels[i] for i in idx],
-    )
+    return batch.subset(n)
 
 
 @torch.inference_mode()
