@@ -188,6 +188,24 @@ def _resolve_keep(value, total: int, what: str) -> int:
     return max(1, round(x * total))
 
 
+def target_shape(model: nn.Module, mlp_keep=1.0, heads_keep=1.0) -> dict:
+    """The sizes `prune` would reach, without pruning: original and kept intermediate size,
+    query heads and KV heads, and query heads per kept KV group (see the module docstring)."""
+    shape = _shape(model)
+    inter = _resolve_keep(mlp_keep, shape.intermediate, "mlp_keep")
+    g, p = _snap_heads(
+        _head_chain(shape, int(model.config.hidden_size)),
+        _resolve_keep(heads_keep, shape.n_heads, "heads_keep"),
+    )
+    return {
+        "intermediate": (shape.intermediate, inter),
+        "n_heads": (shape.n_heads, g * p),
+        "n_kv_heads": (shape.n_kv, g),
+        "per_group": p,
+        "head_dim": shape.head_dim,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # scoring
 

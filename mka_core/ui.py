@@ -1598,39 +1598,33 @@ def _model_of(run_index: int | None):
 def transact_preview(mlp_keep: float, heads_keep: float, base_index: int | None = None) -> dict:
     """The shape a TransAct prune would give, without pruning: the kept intermediate size and
     query heads (rounded the way `transact.prune` rounds), and about how many parameters go."""
-    # transact.py keeps its shape rules private; reuse them rather than repeat them here
-    from .transact import _head_chain, _resolve_keep, _shape, _snap_heads
+    from .transact import target_shape
 
     model, params_start = _model_of(base_index)
-    shape = _shape(model)
+    t = target_shape(model, float(mlp_keep), float(heads_keep))
     cfg = model.config
     d = int(cfg.hidden_size)
     n_layers = int(cfg.num_hidden_layers)
-    inter = _resolve_keep(float(mlp_keep), shape.intermediate, "mlp_keep")
-    g, p = _snap_heads(
-        _head_chain(shape, d), _resolve_keep(float(heads_keep), shape.n_heads, "heads_keep")
-    )
-    hd = shape.head_dim
+    (inter0, inter), (h0, h), (kv0, g) = t["intermediate"], t["n_heads"], t["n_kv_heads"]
+    p = t["per_group"]
+    hd = t["head_dim"]
     # gate/up/down lose 3·d weights per neuron; q/o lose 2·d·head_dim per query head, k/v the
     # same per KV head (biases, where a model has any, are a rounding error here)
     per_layer = lambda i, h, kv: 3 * d * i + 2 * d * hd * (h + kv)  # noqa: E731
-    removed = n_layers * (
-        per_layer(shape.intermediate, shape.n_heads, shape.n_kv) - per_layer(inter, g * p, g)
-    )
+    removed = n_layers * (per_layer(inter0, h0, kv0) - per_layer(inter, g * p, g))
     original = model_summary(current_model()).n_params
     heads = (
-        f"heads {shape.n_heads} → {g * p} ({p} per KV group)"
-        if g == shape.n_kv
-        else f"heads {shape.n_heads} → {g * p} (whole KV groups go: {g} of {shape.n_kv} left, "
-        f"1 head each)"
+        f"heads {h0} → {h} ({p} per KV group)"
+        if g == kv0
+        else f"heads {h0} → {h} (whole KV groups go: {g} of {kv0} left, 1 head each)"
     )
     return {
-        "text": f"intermediate {shape.intermediate} → {inter}, {heads}",
-        "intermediate": (shape.intermediate, inter),
-        "n_heads": (shape.n_heads, g * p),
-        "n_kv_heads": (shape.n_kv, g),
+        "text": f"intermediate {inter0} → {inter}, {heads}",
+        "intermediate": (inter0, inter),
+        "n_heads": (h0, h),
+        "n_kv_heads": (kv0, g),
         "params_removed_pct": 100.0 * (original - (params_start - removed)) / original,
-        "layers_equivalent": removed / per_layer(shape.intermediate, shape.n_heads, shape.n_kv),
+        "layers_equivalent": removed / per_layer(inter0, h0, kv0),
     }
 
 

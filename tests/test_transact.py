@@ -184,3 +184,15 @@ def test_invalid_keep_values(tiny, tiny_batch, kw, words):
     with pytest.raises(MkaInputError, match=words) as e:
         prune(tiny.model, tiny_batch, **kw)
     assert "\n" not in str(e.value)
+
+
+def test_target_shape_matches_what_prune_gives(tiny, tiny_batch):
+    from mka_core.transact import prune, target_shape
+
+    for mlp_keep, heads_keep in ((0.5, 0.5), (100, 1.0), (0.3, 0.25)):
+        t = target_shape(tiny.model, mlp_keep, heads_keep)
+        model, _ = prune(tiny.model, tiny_batch, mlp_keep=mlp_keep, heads_keep=heads_keep, shots=1)
+        cfg = model.config
+        assert t["intermediate"] == (128, cfg.intermediate_size)
+        assert t["n_heads"] == (4, cfg.num_attention_heads)
+        assert t["n_kv_heads"] == (2, cfg.num_key_value_heads)
