@@ -80,7 +80,7 @@ FULL = Settings(
     heal_budgets=(6, 10),
     heal_batch=4,
     heal_lr=1e-4,
-    plan_limit_s=60,
+    plan_limit_s=120,
     search_limit_s=720,
     speed_prompt_tokens=64,
     decode_tokens=16,
@@ -254,6 +254,19 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim), so that the
+    resident memory at a stage's start is what is live, and what the stage allocates shows."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_hwm() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
     try:
@@ -280,7 +293,8 @@ class Measure:
     On a GPU, peak_mb is torch's peak allocated device memory during the block. On the CPU it is
     the peak resident memory of this process during the block (the kernel's high-water mark,
     reset at the start; a sampling thread where that is unavailable), so it includes the models
-    already loaded; `added_mb` is the peak minus the resident memory at the start."""
+    already loaded; `added_mb` is the peak minus the resident memory at the start, after freed
+    heap memory was handed back to the OS (else new arrays reuse it and nothing seems added)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -296,6 +310,7 @@ class Measure:
             torch.cuda.reset_peak_memory_stats()
             self._start_mb = torch.cuda.memory_allocated() / 2**20
         else:
+            _release_free_memory()
             self._start_mb = _rss_mb()
             self._hwm = _reset_hwm() and _hwm_mb() is not None
             self._sampled = self._start_mb

@@ -272,7 +272,8 @@ def _quality_figures(figs: Figures, rows: list[dict], budgets: list[int], fixed_
             )
         if orig is not None:
             a1.scatter([orig["params"] / 1e6], [orig["perplexity"]], marker="X", s=80, color="k")
-            a2.axhline(orig["decode_tps"], color="k", ls="--", lw=1, label="original")
+            if orig.get("decode_tps"):
+                a2.axhline(orig["decode_tps"], color="k", ls="--", lw=1, label="original")
         a1.set_yscale("log")
         _plain_log_ticks(a1)
         a1.set_xlabel("parameters (millions)")
@@ -565,16 +566,15 @@ def _reading_merge_vs_drop(rows: list[dict], budgets: list[int], fixed_alpha) ->
             n_real = sum(1 for a in alphas if 0.02 < a < 0.98)
             if alphas and n_real == 0:
                 verdict = (
-                    "every α is 0 or 1: no merge at all, it only chooses which layer of each "
-                    "pair to drop"
+                    "every α is ≤ 0.02 or ≥ 0.98: no real merge, one layer of each pair is kept"
                 )
             else:
                 verdict = "helps" if d < -1 else ("hurts" if d > 1 else "no clear difference")
                 verdict = f"merging {verdict}"
                 if alphas and n_real < len(alphas) / 2:
                     verdict = (
-                        f"mostly a choice of which layer of each pair to drop: only {n_real} of "
-                        f"{len(alphas)} merges have 0.02 < α < 0.98"
+                        f"mostly not a merge: only {n_real} of {len(alphas)} merges have "
+                        "0.02 < α < 0.98, the others keep one layer of the pair"
                     )
                 elif alphas and n_real < len(alphas):
                     verdict += f"; {n_real} of {len(alphas)} merges have 0.02 < α < 0.98"
@@ -657,7 +657,25 @@ def _reading_heal(rows: list[dict], fixed_alpha) -> list[str]:
 # the report
 
 
-def _quality_table(rows: list[dict], n: int, fixed_alpha, p0: float) -> list[str]:
+def _laco_notes(plans: list[dict]) -> dict[int, str]:
+    """For each budget, how LaCo met it: collapses forced below its cosine threshold."""
+    out = {}
+    for p in plans:
+        params = (p.get("method") or {}).get("params") or {}
+        if (p.get("method") or {}).get("planner") != "laco" or "laco_forced" not in params:
+            continue
+        n_collapse = sum(1 for s in p.get("steps", []) if s.get("op") == "collapse")
+        out[p.get("layers_removed")] = (
+            f"{params['laco_forced']} of {n_collapse} collapses below the cosine threshold "
+            f"{params.get('laco_threshold')} (taken as the best candidate of their pass), "
+            f"{params.get('laco_candidates', '?')} candidates scored"
+        )
+    return out
+
+
+def _quality_table(
+    rows: list[dict], n: int, fixed_alpha, p0: float, notes: dict | None = None
+) -> list[str]:
     sel = [r for r in rows if r["layers_removed"] == n]
     sel.sort(key=lambda r: (r["perplexity"] is None, r["perplexity"] or 0, r["healed"]))
     lines = [
@@ -673,7 +691,8 @@ def _quality_table(rows: list[dict], n: int, fixed_alpha, p0: float) -> list[str
             f"{_ratio(ppl / p0) if ppl else '—'} | {_num(r['kl'], 3)} | "
             f"{_num(100 * r['top1'], 1) + ' %' if r['top1'] is not None else '—'} | "
             f"{_num(r['decode_tps'], 1)} | {_num(r.get('plan_s'), 1)} | "
-            f"{(r.get('steps') or '').replace('|', '/')} |"
+            f"{(r.get('steps') or '').replace('|', '/')}"
+            f"{'; ' + notes[n] if notes and r['method'] == 'laco' and n in notes else ''} |"
         )
     return lines
 
@@ -737,6 +756,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
             f"- wall time of the whole run: **{run['wall_s'] / 60:.1f} min** ("
             + ", ".join(f"{k} {v.get('seconds', 0) / 60:.1f} min" for k, v in sections.items())
             + ", the rest loading and rendering)"
+            + (f"; {run['wall_note']}" if run.get("wall_note") else "")
         )
     loads = [m.get("load_average_start"), m.get("load_average_end")]
     L.append(
@@ -808,7 +828,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         for n in budgets:
             pct = 100 * n / orig["n_layers"] if orig else 0
             L += [f"### {n} layers removed ({pct:.0f} %)", ""]
-            L += _quality_table(quality, n, fixed_alpha, p0)
+            L += _quality_table(quality, n, fixed_alpha, p0, _laco_notes(plans))
             L.append("")
         L += img("quality_perplexity", "perplexity by method and budget")
         L += img("quality_fidelity", "KL and top-1 agreement")
