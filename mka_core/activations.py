@@ -1,7 +1,8 @@
-"""Capturing every layer's activations in one forward pass per batch (SPEC §3).
+"""Capturing every layer's activations in one pass over the data (SPEC §3).
 
-Forward hooks on the decoder blocks pool each block's output as it is produced, so memory stays
-O(n_layers · n_rows · d_model): the full (batch, seq, d_model) tensors are never kept for all layers.
+The engine runs block by block over all samples (`engine.LayerPass`); each block's output is pooled
+as soon as it is produced, so memory stays O(n_layers · n_rows · d_model) plus one set of hidden
+states: the full (batch, seq, d_model) tensors are never kept for all layers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 
 from .data import CalibrationBatch
 from .errors import MkaInputError, ProgressFn, report
-from .models import get_layers
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _token_positions(lengths: list[int], k: int, seed: int) -> list[np.ndarray]:
 
 
 def capture_activations(
-    model: torch.nn.Module,
+    model,
     batch: CalibrationBatch,
     pooling: str = "mean",
     batch_size: int = 16,
@@ -70,23 +70,25 @@ def capture_activations(
     skip_first: bool = True,
     progress: ProgressFn | None = None,
 ) -> Activations:
-    """Run the calibration batch through `model` once and pool every block boundary.
+    """Run the calibration batch through `model` once, block by block, and pool every boundary.
 
+    model: a causal LM in memory, or a streamed `engine.Stack` (each block is read once).
     pooling: ``mean`` over real tokens, ``last`` real token, or ``tokens`` (``tokens_per_sample``
     random positions per sample, the same for every layer).
     skip_first: leave position 0 out of ``mean`` and ``tokens`` pooling. Models put "massive
     activations" (an attention sink, norms 10-100x the rest) on the first token; left in, that one
     position dominates every pooled statistic and makes most layers look identical.
     """
+    from .engine import LayerPass, as_stack
+
     if pooling not in POOLINGS:
         raise MkaInputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     if batch_size < 1:
         raise MkaInputError(f"batch size must be >= 1, got {batch_size}")
     if pooling == "tokens" and tokens_per_sample < 1:
         raise MkaInputError(f"tokens per sample must be >= 1, got {tokens_per_sample}")
-    layers = get_layers(model)
-    n_layers = len(layers)
-    device = next(model.parameters()).device
+    stack = as_stack(model)
+    n_layers = stack.n_layers
     lengths = batch.attention_mask.sum(dim=1).tolist()
     first = 1 if skip_first and min(lengths) > 1 else 0
     positions = None
@@ -100,14 +102,26 @@ def capture_activations(
     rows_of = [len(positions[i]) if positions else 1 for i in range(n)]
     n_rows = sum(rows_of)
     starts = np.concatenate([[0], np.cumsum(rows_of)])
-    d_model = int(model.config.hidden_size)
+    d_model = int(stack.config.hidden_size)
     states = np.zeros((n_layers + 1, n_rows, d_model), dtype=np.float32)  # (L+1, rows, H)
 
-    current: dict = {}  # the batch being processed: its sample indices and mask
+    report(progress, 0.0, f"embedding {n} samples")
+    lp = LayerPass.start(stack, batch.input_ids, batch.attention_mask, batch_size=batch_size)
+    pickers = []  # per batch: (row0, row1, pool function)
+    for bi, b in enumerate(lp.batches):
+        b0 = bi * batch_size
+        b1 = b0 + b.ids.shape[0]
+        mask = b.mask if b.mask is not None else torch.ones_like(b.ids)
+        if positions is not None:
+            r = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
+            t = np.concatenate([positions[i] for i in range(b0, b1)])
+            idx = (torch.as_tensor(r, device=stack.device), torch.as_tensor(t, device=stack.device))
+        else:
+            idx = None
+        pickers.append((int(starts[b0]), int(starts[b1]), mask, idx))
 
-    def pool(h: torch.Tensor) -> np.ndarray:
+    def pool(h: torch.Tensor, mask: torch.Tensor, idx) -> np.ndarray:
         h = h.float()  # (B, T, H)
-        mask = current["mask"]  # (B, T)
         if pooling == "mean":
             m = mask.unsqueeze(-1).to(h.dtype).clone()
             m[:, :first] = 0
@@ -116,46 +130,19 @@ def capture_activations(
             last = mask.sum(1) - 1  # right padding: last real token
             out = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
         else:
-            idx = current["tok_idx"]
             out = h[idx[0], idx[1]]  # (sum k_i, H)
         return out.cpu().numpy()
 
-    def store(slot: int, h: torch.Tensor) -> None:
-        states[slot, current["row0"] : current["row1"]] = pool(h)
+    def store(slot: int, hidden: list[torch.Tensor]) -> None:
+        for (r0, r1, mask, idx), h in zip(pickers, hidden, strict=True):
+            states[slot, r0:r1] = pool(h, mask, idx)
 
-    def pre_hook(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        store(0, h)
-
-    def make_hook(slot: int):
-        def hook(module, args, output):
-            store(slot, output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [layer.register_forward_hook(make_hook(i + 1)) for i, layer in enumerate(layers)]
-    base = getattr(model, "model", model)  # the decoder without the LM head: no logits needed
-    try:
-        with torch.inference_mode():
-            for b0 in range(0, n, batch_size):
-                b1 = min(n, b0 + batch_size)
-                width = int(max(lengths[b0:b1]))
-                ids = batch.input_ids[b0:b1, :width].to(device)
-                mask = batch.attention_mask[b0:b1, :width].to(device)
-                current.update(mask=mask, row0=int(starts[b0]), row1=int(starts[b1]))
-                if positions is not None:
-                    bi = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
-                    ti = np.concatenate([positions[i] for i in range(b0, b1)])
-                    current["tok_idx"] = (
-                        torch.as_tensor(bi, device=device),
-                        torch.as_tensor(ti, device=device),
-                    )
-                base(input_ids=ids, attention_mask=mask, use_cache=False)
-                report(progress, b1 / n, f"captured {b1}/{n} samples")
-    finally:
-        for h in handles:
-            h.remove()
+    store(0, lp.hidden)
+    lp.run(
+        after_block=lambda j, hidden: store(j + 1, hidden),
+        progress=progress,
+        label="capture: ",
+    )
 
     sample_ids = np.repeat(np.arange(n), rows_of)
     labels = [batch.labels[i] for i in sample_ids]

@@ -63,10 +63,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps"
     )
     p.add_argument(
-        "--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16"
+        "--dtype",
+        default="auto",
+        help="compute dtype: auto (bf16/fp16 on GPU, the CPU default on CPU), fp32, bf16, fp16",
+    )
+    p.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream the weights from disk one block at a time (--offload), or hold them in "
+        "memory (--no-offload); default: streamed when the model takes more than 40%% of the "
+        "available memory",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for tiny models, sampling and k-means")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _add_out_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out-dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="dtype of the written weights (default: the source's; bf16 for a GGUF)",
+    )
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -88,9 +107,17 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 def _load(args, progress):
     from .models import load_model
 
-    return load_model(
-        args.model, device=args.device, dtype=args.dtype, seed=args.seed, progress=progress
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        progress=progress,
+        offload=args.offload,
     )
+    if not args.quiet:
+        print(f"model: {loaded.residency}", file=sys.stderr)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,35 +375,24 @@ def cmd_apply(args) -> int:
 
 
 def _export(run, args, loaded):
-    """Write the run's model folder; without evaluations, mka-run.json records the stages only."""
+    """Write the run's model folder (mka-run.json records the stages, and the evaluations when
+    there are any), in --out-dtype or the source's dtype."""
     from .pipeline import export_run
 
-    if run.original is None:
-        from .export import save_model
-
-        record = {
-            "format": "mka-run",
-            "version": 1,
-            "source": run.source,
-            "kind": run.kind,
-            "label": run.label,
-            "stages": run.stages,
-        }
-        return save_model(
-            run.model,
-            run.tokenizer,
-            args.out,
-            plan=run.plan,
-            overwrite=args.overwrite,
-            loaded_from=_local(args.model),
-            extra_files={"mka-run.json": json.dumps(record, indent=2)},
-        )
-    return export_run(run, args.out, overwrite=args.overwrite, loaded_from=_local(args.model))
+    return export_run(
+        run,
+        args.out,
+        overwrite=args.overwrite,
+        loaded_from=_local(args.model),
+        out_dtype=args.out_dtype if args.out_dtype != "auto" else loaded.source_dtype,
+        progress=Progress(args.quiet),
+    )
 
 
 def _local(source: str):
+    """The model's source path (a folder or a file), when it is one."""
     p = Path(source).expanduser()
-    return str(p if p.is_dir() else p.parent) if p.exists() else None
+    return str(p) if p.exists() else None
 
 
 def _prior_record(source: str) -> tuple[str, list]:
@@ -463,6 +479,12 @@ def cmd_heal(args) -> int:
     progress = Progress(args.quiet)
     check_out_dir(args.out, args.overwrite, protect=[args.model])
     loaded = _load(args, progress)
+    if loaded.streamed:
+        raise MkaInputError(
+            "heal trains the whole model in memory (about 16 bytes per parameter for fp32 "
+            "weights, gradients and AdamW state); this model is streamed from disk because it "
+            "does not fit, so it cannot be healed here"
+        )
     docs = load_documents(args.data, "calibration")
     batch = make_calibration(loaded.tokenizer, docs, n_samples=args.samples, max_tokens=args.tokens)
     windows = eval_windows(loaded, args.eval_data, args.budget, args.window)
@@ -496,7 +518,11 @@ def cmd_export_mergekit(args) -> int:
     from .plan import Plan
 
     plan = Plan.load(args.plan)
-    text = mergekit_yaml(plan, model_path=args.model_path)
+    text = mergekit_yaml(
+        plan,
+        model_path=args.model_path,
+        out_dtype=None if args.out_dtype == "auto" else args.out_dtype,
+    )
     if args.out:
         write_text_atomic(args.out, text, overwrite=args.overwrite)
         print(json.dumps({"out": args.out}))
@@ -600,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(model=None)
     p.add_argument("--force", action="store_true", help="apply even if the fingerprint differs")
     p.add_argument("--out", required=True, help="output model folder")
+    _add_out_dtype(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_apply)
 
@@ -610,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads-keep", default="1.0", help="query heads kept: ratio or count")
     p.add_argument("--shots", type=_positive_int, default=4, help="iterative pruning shots (4)")
     p.add_argument("--out", required=True, help="output model folder")
+    _add_out_dtype(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_transact)
 
@@ -621,12 +649,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=4, help="samples per step (4)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4)")
     p.add_argument("--out", required=True, help="output model folder")
+    _add_out_dtype(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("export-mergekit", help="write a mergekit YAML for a plan")
     p.add_argument("plan", help="the plan JSON")
     p.add_argument("--model-path", default=None, help="model path to write into the YAML")
+    _add_out_dtype(p)
     p.add_argument("--out", default=None, help="YAML file (default: stdout)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_mergekit)

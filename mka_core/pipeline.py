@@ -7,9 +7,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from torch import nn
+
 from .activations import Activations, capture_activations
 from .data import BUILTIN, CalibrationBatch, Document, load_documents, make_calibration
-from .errors import ProgressFn, report
+from .errors import MkaInputError, ProgressFn, report
 from .models import LoadedModel
 from .similarity import SimilarityResult, compute_similarity
 
@@ -126,16 +128,17 @@ class Run:
         }
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": RUN_FORMAT,
             "version": 1,
             "source": self.source,
             "kind": self.kind,
             "label": self.label,
             "stages": self.stages,
-            "original": self.original.to_dict(),
-            "compressed": self.compressed.to_dict(),
         }
+        if self.original is not None:  # a run exported without an evaluation records its stages
+            d.update(original=self.original.to_dict(), compressed=self.compressed.to_dict())
+        return d
 
 
 def read_run_record(folder) -> dict | None:
@@ -408,6 +411,12 @@ def run_heal(
     """A short fine-tune of a compressed model on calibration text, evaluated again."""
     from .heal import heal
 
+    if not isinstance(run.model, nn.Module):
+        raise MkaInputError(
+            "heal trains the whole model in memory (fp32 weights, gradients and AdamW state: "
+            "about 16 bytes per parameter); this model is streamed from disk because it does not "
+            "fit, so it cannot be healed here"
+        )
     t0 = time.perf_counter()
     model, rep = heal(
         run.model,
@@ -452,9 +461,17 @@ def run_heal(
     return healed, rep
 
 
-def export_run(run: Run, out_dir, overwrite: bool = False, loaded_from=None):
+def export_run(
+    run: Run,
+    out_dir,
+    overwrite: bool = False,
+    loaded_from=None,
+    out_dtype=None,
+    progress: ProgressFn | None = None,
+):
     """Save the compressed model as a folder plain transformers loads (plus plan.json when the
-    run has a merge plan, and mka-run.json with every stage and both evaluations)."""
+    run has a merge plan, and mka-run.json with every stage and both evaluations), shard by shard,
+    in `out_dtype` (default: the weights' dtype)."""
     import json
 
     from .export import save_model
@@ -467,4 +484,6 @@ def export_run(run: Run, out_dir, overwrite: bool = False, loaded_from=None):
         overwrite=overwrite,
         loaded_from=loaded_from,
         extra_files={"mka-run.json": json.dumps(run.to_dict(), indent=2)},
+        out_dtype=out_dtype,
+        progress=progress,
     )

@@ -335,13 +335,13 @@ class ModelRef:
     @classmethod
     def from_loaded(cls, loaded) -> ModelRef:
         """The reference of a models.LoadedModel (or of a bare causal-LM module)."""
-        from .models import get_layers, model_fingerprint
+        from .models import model_fingerprint, n_layers_of
 
         model = _unwrap(loaded)
         archs = getattr(model.config, "architectures", None) or [type(model).__name__]
         fingerprint = getattr(loaded, "fingerprint", None) or model_fingerprint(model)
         source = getattr(loaded, "source", None) or getattr(model.config, "_name_or_path", "")
-        return cls(str(source), str(archs[0]), len(get_layers(model)), str(fingerprint))
+        return cls(str(source), str(archs[0]), n_layers_of(model), str(fingerprint))
 
     def to_dict(self) -> dict:
         return {
@@ -613,10 +613,10 @@ def make_plan(source, steps: Iterable[Step | dict], method: dict) -> Plan:
 
 def check_fingerprint(plan: Plan, loaded) -> str | None:
     """A warning when `loaded` (a LoadedModel or a module) is not the model the plan is for."""
-    from .models import get_layers, model_fingerprint
+    from .models import model_fingerprint, n_layers_of
 
     model = _unwrap(loaded)
-    n = len(get_layers(model))
+    n = n_layers_of(model)
     ref = plan.model
     if n != ref.num_layers:
         return (

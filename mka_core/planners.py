@@ -10,27 +10,25 @@
 | manual    | the user's picks                                     | merge / drop      |
 
 Planners only read the model (never change it): the `search` α rule and LaCo score candidates on
-light "views" that share every unchanged block with the original model.
+views (`engine.Stack` compositions) that share every unchanged block with the original model and
+build merged blocks only when the engine reaches them, so they work on streamed models too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from .activations import capture_activations
 from .data import CalibrationBatch
+from .engine import LayerPass, Stack, as_stack, causal_lm_loss
 from .errors import MkaInputError, ProgressFn, report
 from .manifold import diffusion_maps
-from .merge import _merge_into, _update_config
-from .models import LoadedModel, get_layers
+from .models import LoadedModel
 from .plan import Plan, Step, compose, layers_to_remove, make_plan, protected_layers
 from .similarity import SimilarityResult, cluster_codes, npib_from_codes
 
@@ -42,154 +40,53 @@ SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo 
 
 
 # ---------------------------------------------------------------------------------------------
-# light views of a model under a composition (no deep copy of unchanged blocks)
+# views of a model under a composition, and the forward passes that score them
 
 
-class _Passthrough(nn.Module):
-    """Stands in for a block whose output is already known (see `suffix_loss`)."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-def model_view(
-    model: nn.Module, composition: list[list[tuple[int, float]]], skip: int = 0
-) -> nn.Module:
-    """A model that runs `composition` of `model`'s blocks for scoring (no KV cache).
-
-    Unchanged blocks are shared with `model`, merged ones are new; `model` itself is not modified.
-    Use it read-only: it is for forward passes inside a planner, not for export. The first `skip`
-    output layers become pass-throughs (their result is fed in from a cache by `suffix_loss`).
-    """
-    old = list(get_layers(model))
-    blocks = []
-    for pos, group in enumerate(composition):
-        if pos < skip:
-            blocks.append(_Passthrough())
-        elif len(group) == 1:
-            blocks.append(old[group[0][0]])
-        else:
-            srcs = [i for i, _ in group]
-            # _merge_into overwrites its first block: give it a private copy
-            parts = [copy.deepcopy(old[srcs[0]])] + [old[i] for i in srcs[1:]]
-            blocks.append(_merge_into(parts, [w for _, w in group], srcs))
-    outer = copy.copy(model)
-    outer._modules = dict(model._modules)
-    inner = copy.copy(model.model)
-    inner._modules = dict(model.model._modules)
-    inner._modules["layers"] = nn.ModuleList(blocks)
-    cfg = copy.deepcopy(model.config)
-    _update_config(cfg, [g[0][0] for g in composition], len(old))
-    cfg.num_hidden_layers = len(blocks)
-    inner.config = cfg
-    outer.config = cfg
-    outer._modules["model"] = inner
-    return outer
+def model_view(model, composition: list[list[tuple[int, float]]]) -> Stack:
+    """`model` (in memory or streamed) under `composition`, for scoring: unchanged blocks are the
+    model's own, merged ones are computed when the engine reaches them; `model` is not modified."""
+    return as_stack(model).compose(composition)
 
 
 def _subset(batch: CalibrationBatch, n: int) -> CalibrationBatch:
     return batch.subset(n)
 
 
-@torch.inference_mode()
-def calibration_loss(model: nn.Module, batch: CalibrationBatch) -> float:
+def start_pass(model, batch: CalibrationBatch) -> LayerPass:
+    return LayerPass.start(as_stack(model), batch.input_ids, batch.attention_mask)
+
+
+def calibration_loss(model, batch: CalibrationBatch) -> float:
     """Mean next-token cross-entropy on the calibration samples (padding ignored)."""
-    device = next(model.parameters()).device
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-    return float(out.loss)
+    return causal_lm_loss(start_pass(model, batch))
 
 
-@torch.inference_mode()
-def block_input(model: nn.Module, batch: CalibrationBatch, pos: int) -> torch.Tensor:
-    """The hidden states entering output layer `pos` of `model`: (n, seq, d_model)."""
-    got = {}
-
-    def grab(module, args, kwargs):
-        got["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-        raise _Stop
-
-    device = next(model.parameters()).device
-    h = get_layers(model)[pos].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model.model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-        )
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return got["h"]
+def real_tokens(lp: LayerPass) -> torch.Tensor:
+    """Final (normed) hidden states of the real tokens of a pass: (n_tokens, d_model) float32."""
+    out = []
+    for b, h in zip(lp.batches, lp.normed(), strict=True):
+        out.append((h[b.mask.bool()] if b.mask is not None else h.reshape(-1, h.shape[-1])).float())
+    return torch.cat(out)
 
 
-class _Stop(Exception):
-    """Ends a forward pass early once the wanted activation is captured."""
-
-
-@contextlib.contextmanager
-def _feeding(view: nn.Module, pos: int, cached: torch.Tensor):
-    """Feed `cached` into output layer `pos` of a view whose earlier layers are pass-throughs."""
-
-    def feed(module, args, kwargs):
-        if args:
-            return (cached, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": cached}
-
-    h = view.model.layers[pos].register_forward_pre_hook(feed, with_kwargs=True)
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@torch.inference_mode()
-def suffix_loss(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor) -> float:
-    """Calibration loss of a view whose first `pos` layers are pass-throughs: the cached input of
-    layer `pos` is fed in there, so only the layers from `pos` on are computed."""
-    with _feeding(view, pos, cached):
-        return calibration_loss(view, batch)
-
-
-@torch.inference_mode()
-def suffix_hidden(view: nn.Module, batch: CalibrationBatch, pos: int, cached: torch.Tensor):
-    """`final_hidden` of a view computed from the cached input of layer `pos` upwards."""
-    with _feeding(view, pos, cached):
-        return final_hidden(view, batch)
-
-
-@torch.inference_mode()
-def all_block_inputs(model: nn.Module, batch: CalibrationBatch) -> list[torch.Tensor]:
-    """The input of every output layer in one forward pass: n_layers × (n, seq, d_model)."""
-    got: list[torch.Tensor] = []
-
-    def grab(module, args, kwargs):
-        got.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    device = next(model.parameters()).device
-    hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in model.model.layers]
-    try:
-        model.model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-        )
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
-
-
-@torch.inference_mode()
-def final_hidden(model: nn.Module, batch: CalibrationBatch) -> torch.Tensor:
+def final_hidden(model, batch: CalibrationBatch) -> torch.Tensor:
     """Final (normed) hidden states of the real tokens: (n_tokens, d_model)."""
-    device = next(model.parameters()).device
-    mask = batch.attention_mask.to(device)
-    out = model.model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
-    return out.last_hidden_state[mask.bool()].float()
+    return real_tokens(start_pass(model, batch))
+
+
+def every_block_input(model, batch: CalibrationBatch) -> tuple[LayerPass, list[list]]:
+    """One pass that keeps the input of every output layer (per batch): candidates that change
+    layers from `pos` upwards continue from input `pos` and run only the rest."""
+    lp = start_pass(model, batch)
+    inputs = [list(lp.hidden)]
+    lp.run(after_block=lambda j, hidden: inputs.append(list(hidden)))
+    return lp, inputs
+
+
+def continue_from(lp: LayerPass, view: Stack, pos: int, hidden: list) -> LayerPass:
+    """A pass of `view` that starts at output layer `pos` with the given inputs."""
+    return LayerPass(view, lp.batches, list(hidden), lp.calls, pos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,12 +245,12 @@ def _merge_search(loaded, state: _State, small):
     def search(a: list[int], b: list[int]) -> float:
         n = state.n_layers
         pos = next(i for i, g in enumerate(state.groups) if a[0] in g)
-        cached = block_input(model_view(loaded.model, state.composition), small, pos)
+        prefix = start_pass(model_view(loaded.model, state.composition), small).run(stop=pos)
 
         def loss(x: float) -> float:
             steps = state.steps + [Step.merge([a[0], b[0]], [x, 1.0 - x])]
-            view = model_view(loaded.model, compose(n, steps), skip=pos)
-            return suffix_loss(view, small, pos, cached)
+            view = model_view(loaded.model, compose(n, steps))
+            return causal_lm_loss(prefix.fork(view))
 
         x, fx = _golden_search(loss)
         log.info("alpha search for %s+%s: alpha=%.3f loss=%.4f", a, b, x, fx)
@@ -362,7 +259,7 @@ def _merge_search(loaded, state: _State, small):
     return search
 
 
-def _npib_of(model: nn.Module, batch: CalibrationBatch, sim: SimilarityResult) -> np.ndarray:
+def _npib_of(model, batch: CalibrationBatch, sim: SimilarityResult) -> np.ndarray:
     """NPIB recomputed on a (merged) model with the original analysis' settings."""
     p = sim.params
     acts = capture_activations(
@@ -468,7 +365,7 @@ def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress
         # Candidates only change layers from their start upwards, and within a pass every
         # accepted collapse lies above the next start: the layers below are computed once.
         base = compose(n, steps)
-        inputs = all_block_inputs(model_view(loaded.model, base), small)
+        lp, inputs = every_block_input(model_view(loaded.model, base), small)
         pos_of = {i: p for p, g in enumerate(base) for i, _ in g}
         used = {i for st in steps for i in st.layers}
         best = None
@@ -482,8 +379,8 @@ def _plan_laco(loaded, small, n_remove, protected, m_layers, threshold, progress
                 continue
             cand = steps + [Step.collapse(rng)]
             pos = pos_of[start]
-            view = model_view(loaded.model, compose(n, cand), skip=pos)
-            h = suffix_hidden(view, small, pos, inputs[pos])
+            view = model_view(loaded.model, compose(n, cand))
+            h = real_tokens(continue_from(lp, view, pos, inputs[pos]))
             cos = float(torch.nn.functional.cosine_similarity(h, ref, dim=-1).mean())
             tries += 1
             if best is None or cos > best[0]:

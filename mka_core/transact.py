@@ -122,8 +122,15 @@ class _Shape:
         return self.n_heads // self.n_kv
 
 
-def _check_supported(model: nn.Module) -> nn.ModuleList:
-    layers = get_layers(model)
+def _first_block(model) -> nn.Module:
+    """Block 0 of a model in memory, or of a streamed model's (empty) skeleton."""
+    if isinstance(model, nn.Module):
+        return get_layers(model)[0]
+    return model.skeleton.model.layers[0]
+
+
+def _check_supported(model) -> None:
+    layers = [_first_block(model)]
     for name, mod, projs in (
         ("self_attn", layers[0].self_attn, _ATTN_PROJ),
         ("mlp", layers[0].mlp, _MLP_PROJ),
@@ -135,19 +142,22 @@ def _check_supported(model: nn.Module) -> nn.ModuleList:
                 f"({type(mod).__name__} has no {', '.join(missing)}); fused projections "
                 f"(e.g. Phi-3) are not supported"
             )
-    return layers
 
 
-def _shape(model: nn.Module) -> _Shape:
+def _shape(model) -> _Shape:
     cfg = model.config
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    attn = get_layers(model)[0].self_attn
-    if attn.o_proj.in_features != n_heads * head_dim or n_heads % n_kv:
+    o_in = (
+        get_layers(model)[0].self_attn.o_proj.in_features
+        if isinstance(model, nn.Module)
+        else n_heads * head_dim  # a streamed model's shapes come from its recipe, checked on use
+    )
+    if o_in != n_heads * head_dim or n_heads % n_kv:
         raise MkaInputError(
             f"config does not match the weights: {n_heads} heads x {head_dim} head_dim over {n_kv} "
-            f"KV heads, but o_proj takes {attn.o_proj.in_features} inputs"
+            f"KV heads, but o_proj takes {o_in} inputs"
         )
     return _Shape(int(cfg.intermediate_size), n_heads, n_kv, head_dim)
 
@@ -210,61 +220,52 @@ def target_shape(model: nn.Module, mlp_keep=1.0, heads_keep=1.0) -> dict:
 # scoring
 
 
-def score_units(model: nn.Module, batch: CalibrationBatch, batch_size: int = 16) -> TransActScores:
-    """Score every MLP neuron and query head of `model` in one pass over the calibration batch."""
+def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransActScores:
+    """Score every MLP neuron and query head of `model` (in memory or streamed) in one pass over
+    the calibration batch, block by block."""
+    from .engine import LayerPass, as_stack
+
     if not isinstance(batch, CalibrationBatch) or batch.n_samples < 1:
         raise MkaInputError("calibration batch is empty or not a CalibrationBatch")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MkaInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    layers = _check_supported(model)
+    _check_supported(model)
     shape = _shape(model)
-    device = next(model.parameters()).device
-    n_layers = len(layers)
+    stack = as_stack(model)
+    n_layers = stack.n_layers
     # sums of squares, accumulated on the device in fp32
-    mlp_sq = torch.zeros(n_layers, shape.intermediate, device=device)  # (n_layers, I)
-    head_sq = torch.zeros(n_layers, shape.n_heads, device=device)  # (n_layers, n_heads)
-    current: dict = {}
+    mlp_sq = torch.zeros(n_layers, shape.intermediate, device=stack.device)  # (n_layers, I)
+    head_sq = torch.zeros(n_layers, shape.n_heads, device=stack.device)  # (n_layers, n_heads)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    lp = LayerPass.start(stack, batch.input_ids, batch.attention_mask, batch_size=batch_size)
 
-    def mlp_hook(layer_idx):
-        def hook(module, args):
+    def mask() -> torch.Tensor:  # (B, T, 1) of the batch being run: padding tokens add nothing
+        b = lp.batches[lp.current]
+        m = b.mask if b.mask is not None else torch.ones_like(b.ids)
+        return m.unsqueeze(-1).float()
+
+    def hooks(j: int, block: nn.Module) -> list:
+        def mlp_hook(module, args):
             x = args[0].float()  # (B, T, I)
-            m = current["mask"]  # (B, T, 1): padding tokens add nothing
-            mlp_sq[layer_idx] += (x.square() * m).sum(dim=(0, 1))
+            mlp_sq[j] += (x.square() * mask()).sum(dim=(0, 1))
 
-        return hook
-
-    def head_hook(layer_idx):
-        def hook(module, args):
+        def head_hook(module, args):
             x = args[0].float()  # (B, T, n_heads * head_dim)
             x = x.view(*x.shape[:-1], shape.n_heads, shape.head_dim)  # (B, T, nh, hd)
-            m = current["mask"].unsqueeze(-1)  # (B, T, 1, 1)
-            head_sq[layer_idx] += (x.square() * m).sum(dim=(0, 1, 3))
+            head_sq[j] += (x.square() * mask().unsqueeze(-1)).sum(dim=(0, 1, 3))
 
-        return hook
+        return [
+            block.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+            block.self_attn.o_proj.register_forward_pre_hook(head_hook),
+        ]
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-    base = getattr(model, "model", model)  # the decoder without the LM head: no logits needed
-    lengths = batch.attention_mask.sum(dim=1)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
-            for b0 in range(0, batch.n_samples, batch_size):
-                b1 = min(batch.n_samples, b0 + batch_size)
-                width = int(lengths[b0:b1].max())
-                if width == 0:
-                    continue
-                ids = batch.input_ids[b0:b1, :width].to(device)
-                mask = batch.attention_mask[b0:b1, :width].to(device)
-                current["mask"] = mask.unsqueeze(-1).float()
-                base(input_ids=ids, attention_mask=mask, use_cache=False)
+        lp.run(hooks=hooks)
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        if isinstance(model, nn.Module):
+            model.train(was_training)
     return TransActScores(
         mlp=mlp_sq.sqrt().cpu().numpy().astype(np.float32),
         heads=head_sq.sqrt().cpu().numpy().astype(np.float32),
@@ -341,12 +342,19 @@ def _prune_attention(attn: nn.Module, shape: _Shape, groups: list, heads: list, 
             setattr(attn, name, value)
 
 
+def _config_sizes(shape: _Shape) -> dict:
+    return {
+        "intermediate_size": shape.intermediate,
+        "num_attention_heads": shape.n_heads,
+        "num_key_value_heads": shape.n_kv,
+        "head_dim": shape.head_dim,  # explicit: it no longer equals hidden_size // n_heads
+    }
+
+
 def _set_config(model: nn.Module, shape: _Shape) -> None:
     cfg = model.config
-    cfg.intermediate_size = shape.intermediate
-    cfg.num_attention_heads = shape.n_heads
-    cfg.num_key_value_heads = shape.n_kv
-    cfg.head_dim = shape.head_dim  # explicit: it no longer equals hidden_size // n_heads
+    for key, value in _config_sizes(shape).items():
+        setattr(cfg, key, value)
     for layer in get_layers(model):  # blocks normally share the model's config; be sure
         for mod in (layer.self_attn, layer.mlp):
             if getattr(mod, "config", cfg) is not cfg:
@@ -361,7 +369,7 @@ def _set_config(model: nn.Module, shape: _Shape) -> None:
 
 
 def prune(
-    model: nn.Module,
+    model,
     batch: CalibrationBatch,
     mlp_keep: float = 1.0,
     heads_keep: float = 1.0,
@@ -374,11 +382,13 @@ def prune(
 
     mlp_keep / heads_keep: a ratio in (0, 1] of the model's current intermediate size / query heads,
     or an absolute count (an int > 1; ``1`` means the ratio 1.0, keep all). Returns the pruned model
-    (a deep copy unless `inplace`) and a TransActReport.
+    (a deep copy unless `inplace`) and a TransActReport. A streamed model (`engine.Stack`) gives a
+    streamed result: the kept units are recorded in its recipe and cut when a block is built.
     """
     t_start = time.perf_counter()
-    layers = _check_supported(model)
+    _check_supported(model)
     shape0 = _shape(model)
+    streamed = not isinstance(model, nn.Module)
     if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or not 1 <= shots <= 64:
         raise MkaInputError(f"shots must be an integer from 1 to 64, got {shots!r}")
     shots = int(shots)
@@ -409,9 +419,9 @@ def prune(
     plan[-1] = (mlp_target, g_target, p_target)
 
     params_before = count_params(model)
-    out = model if inplace else copy.deepcopy(model)
-    layers = get_layers(out)
-    n_layers = len(layers)
+    out = model if inplace or streamed else copy.deepcopy(model)
+    layers = None if streamed else get_layers(out)
+    n_layers = out.n_layers if streamed else len(layers)
     # original indices of the units still present, per layer
     mlp_index = [np.arange(shape0.intermediate) for _ in range(n_layers)]
     head_index = [np.arange(shape0.n_heads) for _ in range(n_layers)]
@@ -429,17 +439,31 @@ def prune(
             scores = score_units(out, batch, batch_size=batch_size)
             last_index = ([a.copy() for a in mlp_index], [a.copy() for a in head_index])
         if changes_mlp or changes_heads:
-            for i, layer in enumerate(layers):
+            selections = []
+            for i in range(n_layers):
+                sel = {}
                 if changes_mlp:
                     top = np.sort(np.argsort(-scores.mlp[i], kind="stable")[:inter])
-                    _prune_mlp(layer.mlp, torch.as_tensor(top, dtype=torch.long))
+                    sel["mlp"] = torch.as_tensor(top, dtype=torch.long)
                     mlp_index[i] = mlp_index[i][top]
                 if changes_heads:
                     groups, heads = _choose_heads(scores.heads[i], shape, g_new, p_new)
-                    _prune_attention(layer.self_attn, shape, groups, heads, p_new)
+                    sel["heads"] = torch.as_tensor(heads, dtype=torch.long)
+                    if len(groups) < shape.n_kv:
+                        sel["kv"] = torch.as_tensor(groups, dtype=torch.long)
                     head_index[i] = head_index[i][heads]
+                if not streamed:
+                    layer = layers[i]
+                    if "mlp" in sel:
+                        _prune_mlp(layer.mlp, sel["mlp"])
+                    if changes_heads:
+                        _prune_attention(layer.self_attn, shape, groups, heads, p_new)
+                selections.append(sel)
             shape = _Shape(inter, g_new * p_new, g_new, shape.head_dim)
-            _set_config(out, shape)
+            if streamed:
+                out = out.prune(selections, _config_sizes(shape))
+            else:
+                _set_config(out, shape)
         shot_log.append(
             {
                 "intermediate_size": shape.intermediate,
@@ -454,8 +478,9 @@ def prune(
             f"shot {s + 1}/{shots}: intermediate {shape.intermediate}, "
             f"{shape.n_heads} heads over {shape.n_kv} KV heads",
         )
-    _set_config(out, shape)  # head_dim explicit even when nothing changed
-    assert get_layers(out)[0].self_attn.o_proj.in_features == shape.n_heads * shape.head_dim
+    if not streamed:
+        _set_config(out, shape)  # head_dim explicit even when nothing changed
+        assert get_layers(out)[0].self_attn.o_proj.in_features == shape.n_heads * shape.head_dim
 
     rep = TransActReport(
         original_intermediate_size=shape0.intermediate,

@@ -128,7 +128,9 @@ def test_evaluation_restores_training_mode(tiny_copy, windows):
 def test_progress_reaches_one(tiny, windows):
     seen = []
     ev.perplexity(tiny.model, windows, batch_size=2, progress=lambda f, m: seen.append((f, m)))
-    assert [f for f, _ in seen] == [0.5, 1.0]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("block 6/6" in m for _, m in seen)  # progress counts the blocks run
     assert all(isinstance(m, str) and m for _, m in seen)
 
 

@@ -46,7 +46,8 @@ def test_exported_folder_reloads_with_plain_transformers(tiny, merged, tmp_path)
     out = save_model(model, tiny.tokenizer, tmp_path / "small", plan=plan)
     assert out == tmp_path / "small"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "plan.json", "tokenizer.json"} <= names
+    shards = {"model-00001-of-00001.safetensors", "model.safetensors.index.json"}
+    assert {"config.json", "plan.json", "tokenizer.json"} | shards <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
     assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no temporary folder left
 
@@ -74,7 +75,7 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tiny, merged, tmp_path):
 
     save_model(model, tiny.tokenizer, target, plan=plan, overwrite=True)
     names = {p.name for p in target.iterdir()}
-    assert "notes.txt" not in names and "model.safetensors" in names
+    assert "notes.txt" not in names and "model.safetensors.index.json" in names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no backup left behind
 
     empty = tmp_path / "empty"
@@ -151,13 +152,34 @@ def test_mergekit_yaml_for_a_drop_plan(tiny):
     assert ident["slices"] == [{"sources": [{"model": "org/m", "layer_range": [0, 6]}]}]
 
 
-def test_mergekit_refuses_merge_plans(tiny):
+def test_mergekit_yaml_for_a_merge_plan_is_linear_over_one_layer_slices(tiny):
     plan = plan_for(tiny, Step.drop((0,)), Step.merge((2, 3), (0.75, 0.25)))
-    with pytest.raises(
-        MkaInputError,
-        match=r"mergekit cannot express this plan: output layer 1 mixes layers 2,3 "
-        r"\(weights 0\.75, 0\.25\); export the model folder instead",
-    ):
-        mergekit_yaml(plan)
-    with pytest.raises(MkaInputError, match="output layer 0 mixes layers 0,1,2"):
-        mergekit_yaml(plan_for(tiny, Step.collapse((0, 1, 2))))
+    cfg = yaml.safe_load(mergekit_yaml(plan, out_dtype="bf16"))
+    assert cfg["merge_method"] == "linear" and cfg["parameters"] == {"normalize": False}
+    assert cfg["dtype"] == "float32" and cfg["out_dtype"] == "bfloat16"
+    slices = [
+        [(src["layer_range"], src["parameters"]["weight"]) for src in sl["sources"]]
+        for sl in cfg["slices"]
+    ]
+    # kept 1, merged (2, 3), kept 4-5 as one run: every slice's sources have the same length
+    assert slices == [[([1, 2], 1.0)], [([2, 3], 0.75), ([3, 4], 0.25)], [([4, 6], 1.0)]]
+    # mergekit takes one model once per slice: the second source spells the folder differently
+    assert [src["model"] for src in cfg["slices"][1]["sources"]] == [
+        "path/to/model",
+        "path/to/model/.",
+    ]
+    collapse = yaml.safe_load(mergekit_yaml(plan_for(tiny, Step.collapse((0, 1, 2)))))
+    assert [len(sl["sources"]) for sl in collapse["slices"]] == [3, 1]
+    with pytest.raises(MkaInputError, match="not a local folder"):
+        mergekit_yaml(plan, model_path="org/hub-model")
+
+
+def test_writing_beside_a_gguf_is_allowed_but_not_over_it(tiny, merged, tmp_path):
+    model, _ = merged
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = save_model(model, None, tmp_path / "out" / "model", loaded_from=gguf)
+    assert (out / "config.json").is_file()
+    with pytest.raises(MkaInputError, match="holds the model's source"):
+        save_model(model, None, gguf, overwrite=True, loaded_from=gguf)
+    assert gguf.read_bytes() == b"GGUF"

@@ -231,14 +231,19 @@ def test_token_pooling_keeps_rows_paired(tiny, tiny_batch):
         capture_activations(tiny.model, tiny_batch, pooling="max")
 
 
-def test_capture_runs_one_forward_per_batch(tiny, tiny_batch):
-    calls = []
-    h = tiny.model.model.register_forward_hook(lambda *a: calls.append(1))
+def test_capture_runs_each_block_once_per_batch(tiny, tiny_batch):
+    calls = {i: 0 for i in range(6)}
+    layers = tiny.model.model.layers
+    hooks = [
+        layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
     try:
         capture_activations(tiny.model, tiny_batch, batch_size=8)
     finally:
-        h.remove()
-    assert len(calls) == 3  # 24 samples / 8, never one pass per layer
+        for h in hooks:
+            h.remove()
+    assert calls == {i: 3 for i in range(6)}  # 24 samples / 8: one pass, never one per layer
 
 
 # --- manifold -------------------------------------------------------------------------------

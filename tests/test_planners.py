@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mka_core.engine import LayerPass, causal_lm_loss
 from mka_core.errors import MkaInputError
 from mka_core.merge import apply_plan
 from mka_core.models import model_fingerprint
@@ -119,8 +120,9 @@ def test_model_view_matches_apply_plan(tiny, analysis):
     ids = analysis.batch.input_ids[:2, :16]
     view = model_view(tiny.model, plan.layers)
     applied = apply_plan(tiny.model, plan)
-    with torch.no_grad():
-        torch.testing.assert_close(view(ids, use_cache=False).logits, applied(ids).logits)
+    hidden = LayerPass.start(view, ids).normed()[0]  # (2, 16, d_model)
+    with torch.no_grad(), view.head() as (_, logits):
+        torch.testing.assert_close(logits(hidden), applied(ids).logits)
 
 
 def test_recompute_changes_later_scores_only(tiny, analysis):
@@ -157,28 +159,29 @@ def test_manual_picks(tiny, analysis):
 
 
 def test_suffix_loss_equals_the_full_forward(tiny, analysis):
-    """The α search feeds cached activations past the unchanged layers: same loss, less work."""
+    """The α search and LaCo continue from cached states past the unchanged layers: the same loss
+    and final states as a full pass, for less work."""
     from mka_core.plan import Step
     from mka_core.planners import (
         _subset,
-        all_block_inputs,
-        block_input,
+        continue_from,
+        every_block_input,
         final_hidden,
-        suffix_hidden,
-        suffix_loss,
+        real_tokens,
+        start_pass,
     )
 
     small = _subset(analysis.batch, 8)
     before = [Step.drop([1])]
-    cached = block_input(model_view(tiny.model, compose(6, before)), small, 2)
+    prefix = start_pass(model_view(tiny.model, compose(6, before)), small).run(stop=2)
+    lp, inputs = every_block_input(model_view(tiny.model, compose(6, before)), small)
     for x in (0.0, 0.4, 1.0):
-        comp = compose(6, [*before, Step.merge([3, 4], [x, 1 - x])])
-        full = calibration_loss(model_view(tiny.model, comp), small)
-        fast = suffix_loss(model_view(tiny.model, comp, skip=2), small, 2, cached)
+        view = model_view(tiny.model, compose(6, [*before, Step.merge([3, 4], [x, 1 - x])]))
+        full = calibration_loss(view, small)
+        fast = causal_lm_loss(prefix.fork(view))
         assert fast == pytest.approx(full, rel=1e-6)
-        inputs = all_block_inputs(model_view(tiny.model, compose(6, before)), small)
-        torch.testing.assert_close(inputs[2], cached)
+        for a, b in zip(inputs[2], prefix.hidden):
+            torch.testing.assert_close(a, b)
         torch.testing.assert_close(
-            suffix_hidden(model_view(tiny.model, comp, skip=2), small, 2, inputs[2]),
-            final_hidden(model_view(tiny.model, comp), small),
+            real_tokens(continue_from(lp, view, 2, inputs[2])), final_hidden(view, small)
         )
