@@ -40,14 +40,17 @@ class _Stop(Exception):
     """Ends the catcher pass after the last block's arguments are recorded."""
 
 
-def build_skeleton(config) -> nn.Module:
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory) and real buffers
-    (rotary frequencies, embedding scales), from its config."""
+    (rotary frequencies, embedding scales), from its config. Built in `dtype` as
+    ``from_pretrained(dtype=...)`` builds it, so buffers get the dtypes they get there (rotary
+    frequencies stay float32)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    kw = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **kw)
 
 
 def _module_device(model: nn.Module) -> torch.device:
@@ -73,7 +76,9 @@ class Stack:
         self.resident = resident
         self.folder = folder  # where the weights live on disk, if they do
         if skeleton is None:
-            skeleton = resident if resident is not None else build_skeleton(recipe.base_config)
+            skeleton = (
+                resident if resident is not None else build_skeleton(recipe.base_config, dtype)
+            )
             if resident is None:
                 _buffers_to(skeleton, self.device)
         self.skeleton = skeleton
@@ -97,7 +102,7 @@ class Stack:
         store = store or SafetensorsStore(folder)
         if config is None:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-        skeleton = build_skeleton(config)
+        skeleton = build_skeleton(config, dtype)
         config = skeleton.config  # the model sets the attention implementation on its config
         _check_names(skeleton, store, folder)
         recipe = ModelRecipe.identity(store, config)

@@ -30,7 +30,7 @@ BUNDLED = {
 }
 TINY_ARCHS = ("llama", "mistral", "qwen2")
 # The CPU's default compute dtype (see README, "Choices worth knowing", for the measurement).
-CPU_DTYPE = torch.float32
+CPU_DTYPE = torch.bfloat16
 # A model is held in memory when its weights in the compute dtype take at most this share of the
 # memory available (RAM on the CPU, free memory on a GPU): a run holds the original and a
 # compressed copy side by side, plus activations. Otherwise it is streamed block by block.
@@ -416,10 +416,16 @@ def _check_type(config, where) -> None:
         )
 
 
-def _resident(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
+def _resident(model: nn.Module, device: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Ready a model in memory: on `device`, in eval mode, frozen. `dtype` casts the parameters
+    only: buffers keep the dtypes the model gave them (rotary frequencies stay float32, as
+    ``from_pretrained(dtype=...)`` keeps them)."""
     get_layers(model)  # refuse unsupported models before anything else uses them
     strip_quantization(model)
-    model.to(device=device, dtype=dtype)
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -451,7 +457,13 @@ def load_folder(
     fingerprint = model_fingerprint(stack)
     get_layers(stack.skeleton)
     streamed, why = choose_residency(stack.n_bytes(), stack.largest_block_bytes(), device, offload)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    except (OSError, ValueError, TypeError) as e:
+        raise MkaInputError(
+            f"{path} has no usable tokenizer (tokenizer.json / tokenizer_config.json): "
+            f"{str(e).splitlines()[0][:120]}"
+        ) from None
     if streamed:
         report(progress, 0.9, why)
         model = stack
@@ -461,7 +473,7 @@ def load_folder(
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, **kw, **extra
         )
-        model = _resident(model, device, dtype)
+        model = _resident(model, device)
     source_dtype = GGUF_EXPORT_DTYPE if gguf else _stored_dtype(store)
     return LoadedModel(
         model, tokenizer, source, device, dtype, fingerprint, path, why, source_dtype

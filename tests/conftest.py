@@ -11,10 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A LoadedModel of tiny:llama (6 layers, d_model 64, 4 heads over 2 KV groups). Read-only."""
+    """A LoadedModel of tiny:llama (6 layers, d_model 64, 4 heads over 2 KV groups). Read-only.
+    In fp32 (the CPU default is bf16): the unit tests check arithmetic exactly."""
     from mka_core.models import load_model
 
-    return load_model("tiny:llama", device="cpu", seed=0)
+    return load_model("tiny:llama", device="cpu", dtype="fp32", seed=0)
 
 
 @pytest.fixture()
