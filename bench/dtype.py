@@ -54,8 +54,9 @@ def run(settings: Settings, out: Path) -> dict:
         windows = eval_windows(
             loaded, budget_tokens=settings.eval_tokens, window=settings.eval_window
         )
-        cap_s, acts = _best(lambda: capture_activations(loaded.model, batch), repeats)
-        ppl_s, ppl = _best(lambda: perplexity(loaded.model, windows), repeats)
+        model = loaded.model
+        cap_s, acts = _best(lambda m=model, b=batch: capture_activations(m, b), repeats)
+        ppl_s, ppl = _best(lambda m=model, w=windows: perplexity(m, w), repeats)
         sim = compute_similarity(acts)
 
         class A:  # what make_budget_plan reads of an analysis

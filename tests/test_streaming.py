@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.activations import capture_activations
 from mka_core.engine import Stack
 from mka_core.errors import MkaInputError
 from mka_core.evaluate import compare
