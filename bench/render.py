@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .common import COMMAND, DEFAULT_OUT, REPO, machine_line, read_csv, read_json, write_atomic
+from .render_scale import dtype_section, scale_section
 
 STAGE_ORDER = ("capture", "diffusion", "npib", "other_measures", "plan", "apply")
 ANALYSIS_STAGES = ("capture", "diffusion", "npib", "other_measures")
@@ -871,6 +872,9 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
             ]
         L.append("")
         L += img("app_timing", "app responsiveness")
+
+    L += dtype_section(out)
+    L += scale_section(out)
 
     if has_html:
         L += [

@@ -3,7 +3,8 @@
 Runs the benchmark sections, writes their results (CSV/JSON) to DIR (default bench/results) and
 regenerates BENCHMARKS.md with its figures from those files (bench/render.py). Progress goes to
 stderr. --quick runs every section on the tiny random model with tiny sizes (a smoke test of the
-whole pipeline, about two minutes; its numbers mean nothing) into bench/results/tmp/quick.
+whole pipeline, about two minutes; its numbers mean nothing) into bench/results/tmp/quick; it
+leaves out `scale`, which writes and streams a 16 GB model (--only scale runs it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .common import (
     write_json,
 )
 
-SECTIONS = ("quality", "cost", "app")
+SECTIONS = ("quality", "cost", "app", "dtype", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if md is None:
         default_full = not args.quick and out == DEFAULT_OUT.resolve()
         md = REPO / "BENCHMARKS.md" if default_full else out / "BENCHMARKS.md"
-    sections = args.only or list(SECTIONS)
+    sections = args.only or [s for s in SECTIONS if not (args.quick and s == "scale")]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from .quality import run
         elif name == "cost":
             from .cost import run
+        elif name == "dtype":
+            from .dtype import run
+        elif name == "scale":
+            from .scale import run
         else:
             from .apptiming import run
         result = run(settings, out)

@@ -240,7 +240,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_plan(args) -> int:
     from .files import write_text_atomic
-    from .pipeline import analyze, make_budget_plan, make_manual_plan
+    from .pipeline import analyze, load_analysis, make_budget_plan, make_manual_plan
 
     progress = Progress(args.quiet)
     given = [x for x in (args.layers_to_remove, args.ratio, args.target_layers) if x is not None]
@@ -255,7 +255,9 @@ def cmd_plan(args) -> int:
     picks = _parse_picks(args.picks) if args.picks else None
     loaded = _load(args, progress)
     analysis = None
-    if args.planner != "manual" or args.alpha in ("similarity", "rowmean", "search"):
+    if args.analysis:
+        analysis = load_analysis(loaded, args.analysis)
+    elif args.planner != "manual" or args.alpha in ("similarity", "rowmean", "search"):
         analysis = analyze(
             loaded,
             data=args.data,
@@ -606,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None, help="budget: removed / original layers")
     p.add_argument("--target-layers", type=int, default=None, help="budget: layers to keep")
     p.add_argument("--picks", default=None, help="manual picks, e.g. 'merge:15,16;drop:27'")
+    p.add_argument(
+        "--analysis",
+        default=None,
+        help="a folder written by analyze --out, to plan from instead of capturing again",
+    )
     p.add_argument(
         "--alpha",
         default="similarity",

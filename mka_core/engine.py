@@ -24,6 +24,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -163,9 +164,15 @@ class Stack:
 
     # -- modules, one at a time ---------------------------------------------------------------
 
+    def fetch_sources(self, j: int) -> dict[str, torch.Tensor]:
+        """Read the stored tensors block `j` is computed from (I/O only: run it in a thread
+        while the previous block computes)."""
+        return {name: self.store.get(name) for name in self.recipe.source_names(j)}
+
     @contextlib.contextmanager
-    def block(self, j: int) -> Iterator[nn.Module]:
-        """Output block `j` on the compute device, for the duration of the context."""
+    def block(self, j: int, sources: dict | None = None) -> Iterator[nn.Module]:
+        """Output block `j` on the compute device, for the duration of the context; `sources`:
+        its stored tensors, already read by `fetch_sources`."""
         if self.resident is not None and self.recipe.is_identity_block(j):
             yield self.resident.model.layers[self.recipe.blocks[j][0].layer]
             return
@@ -180,9 +187,10 @@ class Stack:
                     f"cannot build block {j} of {type(self.skeleton).__name__}: its decoder layer "
                     f"class {cls.__name__} does not take (config, layer_idx) ({e})"
                 ) from None
-        state = self.recipe.block_state(j, self.dtype)
+        fetch = sources.pop if sources is not None else None
+        state = self.recipe.block_state(j, self.dtype, fetch)
         blk.load_state_dict(state, strict=True, assign=True)
-        del state
+        del state, sources
         blk.to(self.device)
         blk.eval()
         blk.requires_grad_(False)
@@ -402,24 +410,44 @@ class LayerPass:
         stack = self.stack
         stop = stack.n_layers if stop is None else stop
         start = self.pos
-        for j in range(start, stop):
-            kw = stack.kw_layer(j)
-            with stack.block(j) as blk:
-                handles = hooks(j, blk) if hooks else []
-                try:
-                    for b, h in enumerate(self.hidden):
-                        self.current = b
-                        args, kwargs = self.calls[b][kw]
-                        out = blk(h, *args, **kwargs)
-                        self.hidden[b] = out[0] if isinstance(out, tuple) else out
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            self.pos = j + 1
-            if after_block is not None:
-                after_block(j, self.hidden)
-            report(progress, (j + 1 - start) / max(stop - start, 1), f"{label}block {j + 1}/{stop}")
+        # streamed: read block j + 1 from disk while block j computes (reads are plain file I/O,
+        # which releases the GIL and uses no torch threads, so the two do not compete for cores)
+        pool = ThreadPoolExecutor(1) if stack.streamed and stop > start else None
+        ahead = pool.submit(stack.fetch_sources, start) if pool else None
+        try:
+            for j in range(start, stop):
+                sources = ahead.result() if ahead else None
+                ahead = pool.submit(stack.fetch_sources, j + 1) if pool and j + 1 < stop else None
+                self._run_block(j, sources, hooks)
+                self.pos = j + 1
+                if after_block is not None:
+                    after_block(j, self.hidden)
+                report(
+                    progress,
+                    (j + 1 - start) / max(stop - start, 1),
+                    f"{label}block {j + 1}/{stop}",
+                )
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return self
+
+    def _run_block(self, j: int, sources, hooks) -> None:
+        stack = self.stack
+        kw = stack.kw_layer(j)
+        with stack.block(j, sources) as blk:
+            del sources
+            handles = hooks(j, blk) if hooks else []
+            try:
+                for b, h in enumerate(self.hidden):
+                    self.current = b
+                    args, kwargs = self.calls[b][kw]
+                    out = blk(h, *args, **kwargs)
+                    self.hidden[b] = out[0] if isinstance(out, tuple) else out
+            finally:
+                for handle in handles:
+                    handle.remove()
+        del blk  # let block j go before block j + 1 is built: one block resident at a time
 
     @torch.inference_mode()
     def normed(self) -> list[torch.Tensor]:
@@ -435,6 +463,14 @@ class LayerPass:
 
 # ---------------------------------------------------------------------------------------------
 # losses on top of a pass
+
+
+LOGITS_ELEMENTS = 16 * 1024**2  # float32 logits per LM-head call: 64 MB (a few copies live)
+
+
+def logit_chunk(vocab_size: int) -> int:
+    """Positions per LM-head call, so tokens × vocabulary is never held whole."""
+    return max(16, min(512, LOGITS_ELEMENTS // max(int(vocab_size), 1)))
 
 
 def next_token_nll(
@@ -464,9 +500,10 @@ def causal_lm_loss(lp: LayerPass) -> float:
     """Mean next-token cross-entropy of a pass's stack on its batches (padding ignored)."""
     hidden = lp.normed()
     total, count = 0.0, 0
+    chunk = logit_chunk(lp.stack.config.vocab_size)
     with lp.stack.head() as (_, logits):
         for b, h in zip(lp.batches, hidden):
-            s, c = next_token_nll(logits, h, b.ids, b.mask)
+            s, c = next_token_nll(logits, h, b.ids, b.mask, chunk)
             total += s
             count += c
     return total / max(count, 1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import LayerPass, Stack, as_stack
+from .engine import LayerPass, Stack, as_stack, logit_chunk, next_token_nll
 from .errors import MkaInputError, ProgressFn, report
 from .generation import (  # noqa: F401 (re-exported: the evaluation stage's public names)
     DEFAULT_PROMPTS,
@@ -43,7 +43,6 @@ from .results import EvalResult, disk_bytes, load_results, save_results, size  #
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # positions per LM-head call: (CHUNK, vocab) float32 logits at a time
 PASS_ELEMENTS = 64 * 1024**2  # hidden-state values one pass holds (256 MB in fp32)
 
 
@@ -158,6 +157,7 @@ def perplexity(
     check_batch_size(batch_size)
     windows = _check_windows(windows, model)
     stack = as_stack(model)
+    chunk = logit_chunk(_vocab_size(model))
     total, count = 0.0, 0
     with eval_mode(model), torch.inference_mode():
         hidden = final_states(
@@ -166,12 +166,9 @@ def perplexity(
         with stack.head() as (_, logits):
             for s, h in zip(range(0, len(windows), batch_size), hidden, strict=True):
                 ids = windows[s : s + batch_size].to(h.device)
-                hs = h[:, :-1].reshape(-1, h.shape[-1])
-                targets = ids[:, 1:].reshape(-1)
-                for c in range(0, hs.shape[0], CHUNK):
-                    logp = F.log_softmax(logits(hs[c : c + CHUNK]).float(), dim=-1)
-                    total += float(-logp.gather(-1, targets[c : c + CHUNK, None]).double().sum())
-                count += ids.shape[0] * (ids.shape[1] - 1)
+                s_, c_ = next_token_nll(logits, h, ids, None, chunk)
+                total += s_
+                count += c_
     report(progress, 1.0, f"perplexity: {len(windows)} windows")
     return _exp(total / count)
 
@@ -227,6 +224,7 @@ def fidelity(
         )
     windows = _check_windows(windows, original, compressed)
     so, sc = as_stack(original), as_stack(compressed)
+    chunk = logit_chunk(v_orig)
     nll_o = nll_c = kl_sum = 0.0
     agree = count = 0
     with eval_mode(original, compressed), torch.inference_mode():
@@ -240,16 +238,16 @@ def fidelity(
                 targets = ids[:, 1:].reshape(-1)
                 ho = h_o[:, :-1].reshape(-1, h_o.shape[-1])
                 hc = h_c[:, :-1].reshape(-1, h_c.shape[-1]).to(ho.device)
-                for c in range(0, ho.shape[0], CHUNK):
-                    lo = F.log_softmax(logits_o(ho[c : c + CHUNK]).float(), dim=-1)  # (chunk, V)
-                    lc = F.log_softmax(logits_c(hc[c : c + CHUNK].to(h_c.device)).float(), dim=-1)
+                for c in range(0, ho.shape[0], chunk):
+                    lo = F.log_softmax(logits_o(ho[c : c + chunk]).float(), dim=-1)  # (chunk, V)
+                    lc = F.log_softmax(logits_c(hc[c : c + chunk].to(h_c.device)).float(), dim=-1)
                     lc = lc.to(lo.device)
                     if lc.shape != lo.shape:  # e.g. a head that pads the vocabulary differently
                         raise MkaInputError(
                             f"the models' logits differ in shape: original {tuple(lo.shape)}, "
                             f"compressed {tuple(lc.shape)}"
                         )
-                    a, b, k, g = _stats(lo, lc, targets[c : c + CHUNK].to(lo.device))
+                    a, b, k, g = _stats(lo, lc, targets[c : c + chunk].to(lo.device))
                     nll_o, nll_c, kl_sum, agree = nll_o + a, nll_c + b, kl_sum + k, agree + g
                 count += ids.shape[0] * (ids.shape[1] - 1)
     report(progress, 1.0, f"fidelity: {len(windows)} windows")

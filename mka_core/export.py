@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from .errors import MkaInputError, ProgressFn
+from .files import temp_dir
 from .files import write_text_atomic as save_text_atomic  # noqa: F401 (re-exported)
 from .plan import Plan
 from .weights import check_disk_space, write_shards
@@ -155,7 +156,7 @@ def save_model(
         raise MkaInputError(f"cannot write into {out.parent}: {e.strerror}") from None
     check_disk_space(out.parent, sum(i.nbytes for i in infos), f"the model export to {out}")
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     except OSError as e:
         raise MkaInputError(f"cannot write into {out.parent}: {e.strerror}") from None
     try:

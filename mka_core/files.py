@@ -32,13 +32,23 @@ def check_out_dir(out: str | Path, overwrite: bool = False, protect: list[str | 
     return out
 
 
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in `parent` with the permissions of an ordinary folder (mkdtemp
+    makes it private, and the renamed result would stay so)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(
     out: str | Path, overwrite: bool = False, protect: list[str | Path] = ()
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out` in one rename."""
     out = check_out_dir(out, overwrite, protect)
-    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir(out.resolve().parent, f".{out.name}.tmp-")
     try:
         yield tmp
         if out.exists():

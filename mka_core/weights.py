@@ -3,8 +3,9 @@
 `SafetensorsStore` opens a Hugging Face folder (one ``*.safetensors`` file, or shards with a
 ``model.safetensors.index.json``), checks every shard up front (a missing shard, a truncated file
 or an index naming absent tensors is a one-line `MkaInputError`, before any work), and hands out
-one tensor at a time through ``safetensors.safe_open``: the tensor is backed by the memory-mapped
-file, so its pages are read when used and given back when the tensor is dropped.
+one tensor at a time: a whole tensor read at its offset into memory of its own (`read_range`, no
+memory map, so a thread can read the next block while torch computes, and memory is exactly the
+tensor's); slices and embedding rows through ``safetensors.safe_open``'s memory map.
 
 `ModuleStore` gives the same interface over a model held in memory, so the code that merges,
 prunes and exports tensors does not care where the weights live.
@@ -18,13 +19,16 @@ shard writer keeps a shard's tensors until it flushes; neither bounds memory by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +84,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 # reading
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of one safetensors file, checked against the file's size."""
+def read_header(path: Path, with_start: bool = False):
+    """The JSON header of one safetensors file, checked against the file's size (and, with
+    `with_start`, the offset where its tensor data begins)."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -122,7 +127,65 @@ def read_header(path: Path) -> dict:
         raise MkaInputError(
             f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}"
         )
-    return header
+    return (header, 8 + n) if with_start else header
+
+
+_ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the device's blocks
+_CHUNK = 16 * 1024**2
+
+
+def read_range(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes of a file at `offset`, as a uint8 tensor over memory of its own.
+
+    Read with O_DIRECT where the file system allows it: the disk writes straight into the buffer
+    (no page-cache copy, almost no CPU), which lets a reading thread overlap the compute on a
+    2-core machine without slowing it much (measured: a buffered read slowed the overlapped
+    matmuls by 65 %, O_DIRECT by 30 %); plain reads otherwise. The buffer is an anonymous mapping
+    that asks for huge pages (page faults on fresh memory cost more than the reading here)."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    a0 = offset // _ALIGN * _ALIGN
+    size = -(-(offset + nbytes - a0) // _ALIGN) * _ALIGN
+    buf = mmap.mmap(-1, size)
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    view = memoryview(buf)
+    done = _read_into(path, a0, view, direct=True)
+    if done < 0:  # O_DIRECT refused by this file system
+        done = _read_into(path, a0, view, direct=False)
+    view.release()
+    got = max(0, min(done - (offset - a0), nbytes))
+    if not got:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=got, offset=offset - a0)
+
+
+def _read_into(path: Path, start: int, view: memoryview, direct: bool) -> int:
+    """Bytes read into `view` from `start` (fewer at the end of the file); -1 when O_DIRECT is
+    not available."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+    if direct and not flags & getattr(os, "O_DIRECT", 0):
+        return -1
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if direct:
+            return -1
+        raise
+    done = 0
+    try:
+        while done < len(view):
+            n = os.preadv(fd, [view[done : done + _CHUNK]], start + done)
+            if n == 0:
+                break  # the end of the file, inside the last aligned block
+            done += n
+    except OSError:
+        if direct:
+            return -1
+        raise
+    finally:
+        os.close(fd)
+    return done
 
 
 class TensorStore:
@@ -185,8 +248,9 @@ class SafetensorsStore(TensorStore):
             weight_map = None
         self._infos: dict[str, TensorInfo] = {}
         self._file_of: dict[str, str] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # (begin in the data, where data starts)
         for fname in files:
-            header = read_header(self.folder / fname)
+            header, data_start = read_header(self.folder / fname, with_start=True)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
@@ -194,6 +258,7 @@ class SafetensorsStore(TensorStore):
                     name, tuple(meta["shape"]), CODE_DTYPES[meta["dtype"]]
                 )
                 self._file_of[name] = fname
+                self._offsets[name] = (int(meta["data_offsets"][0]), data_start)
         if weight_map is not None:
             absent = [n for n, f in weight_map.items() if self._file_of.get(n) != f]
             if absent:
@@ -221,22 +286,37 @@ class SafetensorsStore(TensorStore):
         return safe_open(str(self.folder / self._file_of[name]), framework="pt", device="cpu")
 
     def get(self, name: str) -> torch.Tensor:
-        with self._open(name) as f:
-            return f.get_tensor(name)
+        """The tensor read into memory of its own (see `read_range`): no memory map and no torch
+        threads, so a prefetching thread can read the next block while the main one computes."""
+        info = self.info(name)
+        begin, data_start = self._offsets[name]
+        path = self.folder / self._file_of[name]
+        raw = read_range(path, data_start + begin, info.nbytes)  # (nbytes,) uint8
+        if raw.numel() != info.nbytes:
+            raise MkaInputError(f"{path.name} ended inside tensor {name} (truncated?)")
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        try:
+            return raw.view(info.dtype).reshape(info.shape)
+        except RuntimeError:  # an offset not aligned to the element size: copy once
+            return raw.clone().view(info.dtype).reshape(info.shape)
 
-    def get_rows(self, name: str, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """Rows of an embedding table, read in chunks of `chunk` rows: memory holds one chunk."""
+    def get_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of an embedding table, read run by run of consecutive ids: memory and disk reads
+        are those rows, not the table (a 128 K-token vocabulary is 1 GB at d_model 4096)."""
         info = self.info(name)
         rows = rows.to(torch.long).cpu()
+        order = torch.argsort(rows)
+        srt = rows[order]
         out = torch.empty((len(rows), *info.shape[1:]), dtype=info.dtype)
+        breaks = (torch.nonzero(srt[1:] != srt[:-1] + 1).flatten() + 1).tolist()
         with self._open(name) as f:
             sl = f.get_slice(name)
-            for r0 in range(0, info.shape[0], chunk):
-                sel = ((rows >= r0) & (rows < r0 + chunk)).nonzero().flatten()
-                if len(sel):
-                    block = sl[r0 : min(r0 + chunk, info.shape[0])]  # (chunk, d)
-                    out[sel] = block.index_select(0, rows[sel] - r0)
-                    del block
+            start = 0
+            for stop in [*breaks, len(srt)]:
+                r0, r1 = int(srt[start]), int(srt[stop - 1]) + 1
+                out[order[start:stop]] = sl[r0:r1]
+                start = stop
         return out
 
     def get_slice(self, name: str, rows: int, cols: int) -> torch.Tensor:
@@ -349,28 +429,36 @@ def write_shards(
     total = sum(it.nbytes for it in items)
     written = 0
     weight_map = {}
-    for fname, group in zip(files, shards):
-        with (folder / fname).open("wb") as f:
-            f.write(_header_bytes(group))
-            for it in group:
-                t = produce(it)
-                if tuple(t.shape) != it.shape or t.dtype != it.dtype:
-                    raise AssertionError(
-                        f"{it.name}: produced {tuple(t.shape)} {t.dtype}, planned {it.shape} "
-                        f"{it.dtype}"
+    # a writing thread writes tensor k (file I/O: no torch threads, the GIL released) while
+    # this one computes tensor k + 1 (merged sums, casts): disk and CPU work at the same time
+    with ThreadPoolExecutor(1) as writer:
+        for fname, group in zip(files, shards):
+            with (folder / fname).open("wb") as f:
+                f.write(_header_bytes(group))
+                pending = None
+                for it in group:
+                    t = produce(it)
+                    if tuple(t.shape) != it.shape or t.dtype != it.dtype:
+                        raise AssertionError(
+                            f"{it.name}: produced {tuple(t.shape)} {t.dtype}, planned "
+                            f"{it.shape} {it.dtype}"
+                        )
+                    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                    if pending is not None:
+                        pending.result()  # one tensor in flight at most
+                    pending = writer.submit(f.write, memoryview(raw))
+                    del t, raw
+                    weight_map[it.name] = fname
+                    written += it.nbytes
+                    report(
+                        progress,
+                        written / total,
+                        f"wrote {written / 1e9:.2f} of {total / 1e9:.2f} GB ({fname})",
                     )
-                raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(raw))
-                del t, raw
-                weight_map[it.name] = fname
-                written += it.nbytes
-                report(
-                    progress,
-                    written / total,
-                    f"wrote {written / 1e9:.2f} of {total / 1e9:.2f} GB ({fname})",
-                )
-            f.flush()
-            os.fsync(f.fileno())
+                if pending is not None:
+                    pending.result()
+                f.flush()
+                os.fsync(f.fileno())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return files

@@ -8,8 +8,9 @@ import torch
 
 from mka_core.errors import MkaInputError
 from mka_core.merge import apply_plan
-from mka_core.models import get_layers, tiny_config
+from mka_core.models import get_layers
 from mka_core.plan import ModelRef, Plan, Step, make_plan
+from mka_core.tiny import tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")

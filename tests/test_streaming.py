@@ -17,9 +17,10 @@ from mka_core.errors import MkaInputError
 from mka_core.evaluate import compare
 from mka_core.export import save_model
 from mka_core.merge import apply_plan
-from mka_core.models import load_model, tiny_config, tiny_tokenizer
+from mka_core.models import load_model
 from mka_core.pipeline import analyze, eval_windows
 from mka_core.plan import Step, make_plan
+from mka_core.tiny import tiny_config, tiny_tokenizer
 from mka_core.transact import prune
 from mka_core.weights import SafetensorsStore
 
