@@ -124,7 +124,7 @@ def bf16_gflops() -> float:
     w = torch.randn(14336, 4096, dtype=dtype, device=device)
     torch.nn.functional.linear(x, w)
     best = math.inf
-    for _ in range(3):
+    for _ in range(8):
         t0 = time.perf_counter()
         torch.nn.functional.linear(x, w)
         if device.startswith("cuda"):
@@ -135,19 +135,25 @@ def bf16_gflops() -> float:
 
 def disk_read_gbps(folder: Path) -> float:
     """Cold read speed of the model's shards, read the way the engine reads them
-    (`weights.read_range`: O_DIRECT where allowed), the page cache dropped first where allowed."""
+    (`weights.read_range`: O_DIRECT where allowed), the page cache dropped first where allowed;
+    the best of two reads of 4 GB."""
     from mka_core.weights import read_range
 
-    drop_caches()
-    total, t0 = 0, time.perf_counter()
+    best = 0.0
     piece = 256 * 1024**2
-    for shard in sorted(folder.glob("*.safetensors")):
-        size = shard.stat().st_size
-        for off in range(0, size, piece):
-            total += read_range(shard, off, min(piece, size - off)).numel()
-            if total > 8e9:  # 8 GB is enough to know the speed
-                return total / (time.perf_counter() - t0) / 1e9
-    return total / (time.perf_counter() - t0) / 1e9
+    for _ in range(2):
+        drop_caches()
+        total, t0 = 0, time.perf_counter()
+        for shard in sorted(folder.glob("*.safetensors")):
+            size = shard.stat().st_size
+            for off in range(0, size, piece):
+                total += read_range(shard, off, min(piece, size - off)).numel()
+                if total > 4e9:
+                    break
+            if total > 4e9:
+                break
+        best = max(best, total / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def _block_params(cfg: dict) -> int:
@@ -234,10 +240,11 @@ def run(settings: Settings, out: Path) -> dict:
     chain("llama-1b", str(folder_1b), ["in memory", "streamed"], rows, runs)
     folder_8b, s8 = ensure_model("llama3-8b")
     written = {"llama-1b": s1, "llama3-8b": s8}
+    # the machine's best: measured before and after the chain (this VM's disk and cores vary by
+    # 2x over minutes), so the comparison is with the fastest reading and computing seen
+    gflops, read = bf16_gflops(), disk_read_gbps(folder_8b)
     chain("llama3-8b", str(folder_8b), ["streamed"], rows, runs)
-
-    gflops = bf16_gflops()
-    read = disk_read_gbps(folder_8b)
+    gflops, read = max(gflops, bf16_gflops()), max(read, disk_read_gbps(folder_8b))
     cfg8 = SHAPES["llama3-8b"]
     block8 = _block_params(cfg8)
     model_bytes = SafetensorsStore(folder_8b).n_bytes

@@ -212,7 +212,13 @@ def cmd_evaluate(args) -> int:
         if args.plan and reference == args.model:
             ref = loaded
         else:
-            ref = load_model(reference, device=loaded.device, dtype=args.dtype, seed=args.seed)
+            ref = load_model(
+                reference,
+                device=loaded.device,
+                dtype=args.dtype,
+                seed=args.seed,
+                offload=args.offload,
+            )
         results = list(
             compare(
                 ref,
@@ -252,6 +258,10 @@ def cmd_plan(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MkaInputError(f"{out} exists (use --overwrite)")
+    if args.apply:
+        from .files import check_out_dir
+
+        check_out_dir(args.apply, args.overwrite, protect=[args.model])  # before any work
     picks = _parse_picks(args.picks) if args.picks else None
     loaded = _load(args, progress)
     analysis = None
@@ -294,10 +304,14 @@ def cmd_plan(args) -> int:
             progress=progress,
         )
     write_text_atomic(out, plan.to_json(), overwrite=args.overwrite)
+    exported = None
+    if args.apply:
+        exported = str(_apply_and_export(plan, loaded, args, args.apply, progress))
     print(
         json.dumps(
             {
                 "plan": str(out),
+                **({"out": exported} if exported else {}),
                 "planner": plan.method["planner"],
                 "layers_removed": plan.n_removed,
                 "layers_out": plan.n_layers_out,
@@ -332,10 +346,21 @@ def _parse_picks(text: str) -> list[dict]:
     return picks
 
 
-def cmd_apply(args) -> int:
-    from .files import check_out_dir
+def _apply_and_export(plan, loaded, args, out_dir, progress):
+    """Apply `plan` to the loaded model (streamed when it is) and write the model folder."""
     from .merge import apply_plan
     from .pipeline import Run
+
+    model = apply_plan(loaded.model, plan, progress=progress)
+    stages = [{"stage": "merge", "plan": plan.to_dict()}]
+    label = f"{plan.method.get('planner')} -{plan.n_removed}"
+    run = Run("merge", label, model, loaded.tokenizer, loaded.source, stages, None, None, plan=plan)
+    args.out = out_dir
+    return _export(run, args, loaded)
+
+
+def cmd_apply(args) -> int:
+    from .files import check_out_dir
     from .plan import Plan, check_fingerprint
 
     progress = Progress(args.quiet)
@@ -353,20 +378,7 @@ def cmd_apply(args) -> int:
                 else warning
             )
         print(f"warning: {warning}", file=sys.stderr)
-    model = apply_plan(loaded.model, plan, progress=progress)
-    stages = [{"stage": "merge", "plan": plan.to_dict()}]
-    run = Run(
-        "merge",
-        f"{plan.method.get('planner')} -{plan.n_removed}",
-        model,
-        loaded.tokenizer,
-        loaded.source,
-        stages,
-        None,
-        None,
-        plan=plan,
-    )
-    out = _export(run, args, loaded)
+    out = _apply_and_export(plan, loaded, args, args.out, progress)
     print(
         json.dumps(
             {"out": str(out), "layers": plan.n_layers_out, "layers_removed": plan.n_removed},
@@ -624,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect-first", action="store_true", help="allow touching layer 0")
     p.add_argument("--no-protect-last", action="store_true", help="allow touching the last layer")
     p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
+    p.add_argument(
+        "--apply",
+        default=None,
+        metavar="FOLDER",
+        help="also apply the plan and write the compressed model folder (one command)",
+    )
+    _add_out_dtype(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plan)
 

@@ -29,13 +29,13 @@ SHAPES = {
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     ),
-    "llama-1b": dict(  # TinyLlama-1.1B's shape
+    "llama-1b": dict(  # TinyLlama-1.1B's shape, with the bundled tokenizer's vocabulary
         hidden_size=2048,
         intermediate_size=5632,
         num_hidden_layers=22,
         num_attention_heads=32,
         num_key_value_heads=4,
-        vocab_size=32000,
+        vocab_size=49152,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     ),

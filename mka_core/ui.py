@@ -237,10 +237,18 @@ class ModelSpec:
     device: str  # resolved: cpu, cuda, cuda:1, mps
     dtype: str  # resolved: float32, bfloat16, float16
     seed: int
+    offload: bool | None = None  # None: by the memory rule; True: streamed; False: in memory
+
+
+OFFLOAD_CHOICES = {
+    "auto": None,
+    "in memory": False,
+    "streamed from disk": True,
+}
 
 
 def resolve_spec(
-    source: str, device: str = "auto", dtype: str = "auto", seed: int = 0
+    source: str, device: str = "auto", dtype: str = "auto", seed: int = 0, offload=None
 ) -> ModelSpec:
     """Resolve "auto" device and dtype now, so the cache key says what really runs."""
     from .models import pick_device, pick_dtype
@@ -249,7 +257,7 @@ def resolve_spec(
         raise MkaInputError("model source is empty; choose the bundled model or give a path or id")
     dev = pick_device(device)
     dt = str(pick_dtype(dev, dtype)).replace("torch.", "")
-    return ModelSpec(source.strip(), dev, dt, int(seed))
+    return ModelSpec(source.strip(), dev, dt, int(seed), offload)
 
 
 class _Store:
@@ -290,14 +298,16 @@ MAX_MODELS = 3
 MAX_ANALYSES = 4
 
 
-def _cached_model(source: str, device: str, dtype: str, seed: int, progress=None):
-    """The model for this exact (source, device, dtype, seed), loaded once per server."""
+def _cached_model(source: str, device: str, dtype: str, seed: int, offload=None, progress=None):
+    """The model for this exact (source, device, dtype, seed, offload), loaded once per server."""
     from .models import load_model
 
-    key = (source, device, dtype, seed)
+    key = (source, device, dtype, seed, offload)
     loaded = _store().get("model", key)
     if loaded is None:
-        loaded = load_model(source, device=device, dtype=dtype, seed=seed, progress=progress)
+        loaded = load_model(
+            source, device=device, dtype=dtype, seed=seed, progress=progress, offload=offload
+        )
         _store().put("model", key, loaded, MAX_MODELS)
     return loaded
 
@@ -308,13 +318,16 @@ def load_model(
     dtype: str = "auto",
     seed: int = 0,
     progress: ProgressFn | None = None,
+    offload=None,
 ):
     """Load (or fetch from the cache) a model and make it the session's model.
 
     Loading a different model forgets the analysis, picks and plan made for the previous one
     (they name its layers); the history of runs stays."""
-    spec = resolve_spec(source, device, dtype, seed)
-    loaded = _cached_model(spec.source, spec.device, spec.dtype, spec.seed, progress)
+    spec = resolve_spec(source, device, dtype, seed, offload)
+    loaded = _cached_model(
+        spec.source, spec.device, spec.dtype, spec.seed, spec.offload, progress=progress
+    )
     if st.session_state.get(MODEL_SPEC) != spec:
         for key in (ANALYSIS, ANALYSIS_INFO, PAIR, PLAN, PLAN_ORIGIN, W_PAIR_A, W_PAIR_B):
             st.session_state.pop(key, None)
@@ -330,7 +343,7 @@ def current_model():
     spec = st.session_state.get(MODEL_SPEC)
     if spec is None:
         return None
-    key = (spec.source, spec.device, spec.dtype, spec.seed)
+    key = (spec.source, spec.device, spec.dtype, spec.seed, spec.offload)
     if _store().get("model", key) is None:  # evicted by other loads: load it again
         with st.spinner(f"Reloading {spec.source}…"):
             return _cached_model(*key)
@@ -1331,7 +1344,16 @@ def before_after_figure(run) -> go.Figure:
     return fig
 
 
-def export_run(run_index: int, out_dir: str, overwrite: bool = False) -> Path:
+OUT_DTYPES = {"the source's": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def export_run(
+    run_index: int,
+    out_dir: str,
+    overwrite: bool = False,
+    out_dtype: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
     from .pipeline import export_run as _export
 
     if not out_dir or not out_dir.strip():
@@ -1346,8 +1368,16 @@ def export_run(run_index: int, out_dir: str, overwrite: bool = False) -> Path:
             f"in memory; run its plan again to export it"
         )
     spec = st.session_state.get(MODEL_SPEC)
+    loaded = current_model()
+    if out_dtype is None and loaded is not None:
+        out_dtype = loaded.source_dtype
     path = _export(
-        run, out_dir.strip(), overwrite=overwrite, loaded_from=spec.source if spec else None
+        run,
+        out_dir.strip(),
+        overwrite=overwrite,
+        loaded_from=spec.source if spec else None,
+        out_dtype=out_dtype,
+        progress=progress,
     )
     st.session_state.setdefault(EXPORTS, {})[run_index] = str(path)
     return path
@@ -1458,14 +1488,28 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
             key=f"{key}export_run",
         )
         folder = c2.text_input("Output folder", key=f"{key}export_folder")
-        overwrite = st.checkbox(
+        c3, c4 = st.columns([1, 2])
+        dtype_name = c3.selectbox(
+            "Weights dtype",
+            list(OUT_DTYPES),
+            key=f"{key}export_dtype",
+            help="The source's dtype by default (bf16 for a GGUF, whose dequantised values have "
+            "no float type of their own); fp32 doubles the folder's size.",
+        )
+        overwrite = c4.checkbox(
             "Replace the folder if it exists", False, key=f"{key}export_overwrite"
         )
         do_export = st.form_submit_button("Export", key=f"{key}export_submit")
     if do_export:
         try:
-            with st.spinner("Saving…"):
-                path = export_run(index, folder, overwrite=overwrite)
+            with progress_status("Saving the model, shard by shard") as progress:
+                path = export_run(
+                    index,
+                    folder,
+                    overwrite=overwrite,
+                    out_dtype=OUT_DTYPES[dtype_name],
+                    progress=progress,
+                )
             st.success(f"Saved to {path}")
         except MkaInputError as e:
             st.error(str(e))

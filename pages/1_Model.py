@@ -38,10 +38,23 @@ with st.form("model_form"):
             placeholder=placeholder,
             help="A folder needs config.json and *.safetensors weights; pickle is never read.",
         )
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     device = c1.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device")
-    dtype = c2.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
-    seed = c3.number_input("Seed (tiny model)", 0, 10_000, 0, key="model_seed")
+    dtype = c2.selectbox(
+        "dtype",
+        ["auto", "bfloat16", "float32", "float16"],
+        key="model_dtype",
+        help="auto: bf16 (on this kind of CPU bf16 measured 2.6-2.9x faster than fp32, with the "
+        "perplexity within 0.05 %; see BENCHMARKS.md), bf16 or fp16 on a GPU.",
+    )
+    weights = c3.selectbox(
+        "Weights",
+        list(ui.OFFLOAD_CHOICES),
+        key="model_offload",
+        help="auto: in memory when the weights take at most 40 % of the available memory, else "
+        "streamed from disk one block at a time (slower, but a model larger than memory works).",
+    )
+    seed = c4.number_input("Seed (tiny model)", 0, 10_000, 0, key="model_seed")
     submitted = st.form_submit_button("Load model", type="primary", key="model_load")
 
 if submitted:
@@ -50,7 +63,14 @@ if submitted:
         if kind in ("folder", "gguf", "hub") and not path.strip():
             raise MkaInputError("type a folder path, a .gguf file path or a hub id for this source")
         with ui.progress_status(f"Loading {source}") as progress:
-            ui.load_model(source, device=device, dtype=dtype, seed=int(seed), progress=progress)
+            ui.load_model(
+                source,
+                device=device,
+                dtype=dtype,
+                seed=int(seed),
+                progress=progress,
+                offload=ui.OFFLOAD_CHOICES[weights],
+            )
     except MkaInputError as e:
         st.error(str(e))
 
@@ -73,6 +93,13 @@ with st.container(border=True):
     c[1].metric("Memory", ui.fmt_mb(s.n_bytes))
     c[2].metric("Device", s.device)
     c[3].metric("dtype", s.dtype)
+    st.caption(f"Weights: {s.residency}.")
+if s.streamed:
+    st.info(
+        "This model is **streamed from disk**: each forward pass reads it block by block, so "
+        "captures and evaluations take longer, speed and sample text are skipped, and healing "
+        "(which trains every weight in memory) is not available."
+    )
 if not ui.on_gpu(loaded):
     st.warning(
         "Running on the **CPU**: everything works, but capture and evaluation are slower, so "

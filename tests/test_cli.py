@@ -326,3 +326,50 @@ def test_bad_keep_values(tmp_path, capsys):
         assert capsys.readouterr().err.startswith(
             "error: --mlp-keep" if bad in ("abc", "1.5") else "error: "
         )
+
+
+def test_one_command_plans_merges_and_exports_a_streamed_model(tmp_path, capsys):
+    """plan --apply on a model forced to stream: the folder written equals plan + apply in memory,
+    and evaluate streams both models (speed and text skipped, and said so)."""
+    from mka_core.models import load_model
+    from mka_core.plan import Plan
+    from mka_core.weights import SafetensorsStore
+
+    out = tmp_path / "small"
+    args = ["plan", *FAST, *CALIB, "--offload", "--planner", "mka", "--layers-to-remove", "2"]
+    args += ["--out", str(tmp_path / "p.json"), "--apply", str(out), "--out-dtype", "bf16"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(out) and summary["layers_out"] == 4
+    store = SafetensorsStore(out)
+    assert {store.info(n).dtype for n in store.names()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    plan = Plan.load(tmp_path / "p.json")
+    mem = load_model("tiny:llama", dtype="fp32")
+    from mka_core.export import save_model
+    from mka_core.merge import apply_plan
+
+    ref = SafetensorsStore(
+        save_model(apply_plan(mem.model, plan), None, tmp_path / "ref", out_dtype="bf16")
+    )
+    for name in ref.names():
+        torch.testing.assert_close(
+            store.get(name).float(), ref.get(name).float(), rtol=1e-2, atol=1e-3
+        )
+
+    assert main(["evaluate", "--model", str(out), "--offload", "--quiet", "--json", *EVAL[:4]]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["meta"]["streamed"] and res["original"]["meta"]["streamed"]
+    assert "streamed" in res["meta"]["skipped"]["speed"] and res["decode_tps"] is None
+    assert res["n_layers"] == 4 and res["original"]["n_layers"] == 6
+
+
+def test_a_budget_beyond_a_streamed_model_is_one_line(tmp_path):
+    proc = run_cli("plan", *FAST, "--offload", "--planner", "shortgpt", "--layers-to-remove", "9")
+    assert_one_line_error(proc, "budget")
+
+
+def test_heal_refuses_a_streamed_model(tmp_path):
+    proc = run_cli("heal", *FAST, "--offload", "--steps", "1", "--out", str(tmp_path / "h"))
+    assert_one_line_error(proc, "cannot be healed here")
+    assert not (tmp_path / "h").exists()
