@@ -127,10 +127,11 @@ def final_states(model, windows: torch.Tensor, batch_size: int, progress=None, l
     return out
 
 
-def _stats(logp_o, logp_c, targets) -> tuple[float, float, float, int]:
-    """NLL of both models, KL(P_o || P_c) summed and top-1 agreements, for one chunk."""
-    nll_o = float(-logp_o.gather(-1, targets[:, None]).double().sum())
-    nll_c = float(-logp_c.gather(-1, targets[:, None]).double().sum())
+def _stats(logp_o, logp_c, targets) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Per-position NLL of both models (float64), KL(P_o || P_c) summed and top-1 agreements,
+    for one chunk."""
+    nll_o = -logp_o.gather(-1, targets[:, None]).squeeze(-1).double()
+    nll_c = -logp_c.gather(-1, targets[:, None]).squeeze(-1).double()
     p_o = logp_o.exp()
     # p log(p/q), with 0·log 0 = 0 where the original gives a token no mass at all
     kl = float(torch.where(p_o > 0, p_o * (logp_o - logp_c), 0.0).sum(-1).double().sum())
@@ -206,7 +207,9 @@ def fidelity(
 
     ``kl`` (mean over positions of KL(P_original || P_compressed), in nats), ``top1`` (share of
     positions where both argmaxes agree), both perplexities (``perplexity_original``,
-    ``perplexity_compressed``) and ``n_positions``, the number of predicted positions scored.
+    ``perplexity_compressed``), ``n_positions``, the number of predicted positions scored, and
+    each window's summed NLL (``window_nll_original``, ``window_nll_compressed``; every window
+    scores window - 1 positions).
 
     reference_cache: an optional dict that keeps the original model's final hidden states
     (n_windows × window × d_model, in the compute dtype). An empty dict is filled on the first
@@ -225,7 +228,10 @@ def fidelity(
     windows = _check_windows(windows, original, compressed)
     so, sc = as_stack(original), as_stack(compressed)
     chunk = logit_chunk(v_orig)
-    nll_o = nll_c = kl_sum = 0.0
+    n_windows, width = int(windows.shape[0]), int(windows.shape[1])
+    win_o = torch.zeros(n_windows, dtype=torch.float64)  # NLL summed per window
+    win_c = torch.zeros(n_windows, dtype=torch.float64)
+    kl_sum = 0.0
     agree = count = 0
     with eval_mode(original, compressed), torch.inference_mode():
         ref = _reference(so, windows, batch_size, reference_cache, sub_progress(progress, 0, 0.4))
@@ -248,8 +254,12 @@ def fidelity(
                             f"compressed {tuple(lc.shape)}"
                         )
                     a, b, k, g = _stats(lo, lc, targets[c : c + chunk].to(lo.device))
-                    nll_o, nll_c, kl_sum, agree = nll_o + a, nll_c + b, kl_sum + k, agree + g
+                    rows = s + torch.arange(c, c + len(a)) // (width - 1)  # window of each position
+                    win_o.index_add_(0, rows, a.cpu())
+                    win_c.index_add_(0, rows, b.cpu())
+                    kl_sum, agree = kl_sum + k, agree + g
                 count += ids.shape[0] * (ids.shape[1] - 1)
+    nll_o, nll_c = float(win_o.sum()), float(win_c.sum())
     report(progress, 1.0, f"fidelity: {len(windows)} windows")
     return {
         "kl": max(kl_sum / count, 0.0),  # float rounding can leave -1e-9 for identical models
@@ -257,6 +267,9 @@ def fidelity(
         "perplexity_original": _exp(nll_o / count),
         "perplexity_compressed": _exp(nll_c / count),
         "n_positions": count,
+        # per window: perplexities of any subset of windows follow without another pass
+        "window_nll_original": win_o.tolist(),
+        "window_nll_compressed": win_c.tolist(),
     }
 
 

@@ -63,8 +63,8 @@ def atomic_dir(
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MkaInputError(f"{p} is a folder; expected a file name")
@@ -76,12 +76,20 @@ def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = Fals
     except OSError as e:
         raise MkaInputError(f"cannot write {p}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+    return write_bytes_atomic(path, text.encode("utf-8"), overwrite=overwrite)

@@ -23,6 +23,16 @@ class Analysis:
     batch: CalibrationBatch
     activations: Activations | None  # None when loaded from a saved analysis
     similarity: SimilarityResult
+    stability: object = None  # stability.StabilityResult, None when there were too few rows
+    importance: object = None  # importance.ImportanceResult, when it was measured
+
+    def save(self, out_dir) -> None:
+        """similarity.* (+ stability.*, importance.json) into an existing folder."""
+        self.similarity.save(out_dir)
+        if self.stability is not None:
+            self.stability.save(out_dir)
+        if self.importance is not None:
+            self.importance.save(out_dir)
 
 
 def _scaled(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn | None:
@@ -46,11 +56,22 @@ def analyze(
     alpha: float = 0.5,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    stability: bool = True,
+    n_boot: int | None = None,
+    importance: bool = False,
+    importance_samples: int = 32,
+    importance_alpha: str = "similarity",
 ) -> Analysis:
-    """Calibration text → one capture pass → every similarity measure, with stage timings."""
+    """Calibration text → one capture pass → every similarity measure, with stage timings;
+    then how stable each measure is on resamples of the rows (no forward pass; bootstrap sized to
+    about 20 % of the analysis' time unless `n_boot` is given), and, with `importance`, the
+    measured loss of dropping each layer and merging each pair (`importance_samples` samples)."""
+    from .stability import MIN_ROWS, compute_stability
+
     docs = load_documents(data, "calibration") if isinstance(data, str) else data
     batch = make_calibration(loaded.tokenizer, docs, n_samples=n_samples, max_tokens=max_tokens)
     t0 = time.perf_counter()
+    hi = 0.7 if importance else 0.85
     acts = capture_activations(
         loaded.model,
         batch,
@@ -58,11 +79,11 @@ def analyze(
         batch_size=batch_size,
         tokens_per_sample=tokens_per_sample,
         seed=seed,
-        progress=_scaled(progress, 0.0, 0.85),
+        progress=_scaled(progress, 0.0, hi),
     )
     capture_s = time.perf_counter() - t0
     sim = compute_similarity(
-        acts, k=k, d=d, t=t, alpha=alpha, seed=seed, progress=_scaled(progress, 0.85, 1.0)
+        acts, k=k, d=d, t=t, alpha=alpha, seed=seed, progress=_scaled(progress, hi, hi + 0.05)
     )
     sim.timings = {"capture": capture_s, **sim.timings}
     sim.params.update(
@@ -71,8 +92,35 @@ def analyze(
         device=loaded.device,
         data=data if isinstance(data, str) else "documents",
     )
+    stab = None
+    if stability and acts.n_rows >= 2 * MIN_ROWS:
+        budget = 0.2 * sum(sim.timings.values())
+        stab = compute_stability(
+            acts,
+            sim.params,
+            n_boot=n_boot,
+            budget_s=budget,
+            seed=seed,
+            progress=_scaled(progress, hi + 0.05, hi + 0.15),
+        )
+        sim.timings["stability"] = stab.seconds
+    elif stability:
+        log.info("stability skipped: %d rows, it needs %d", acts.n_rows, 2 * MIN_ROWS)
+    imp = None
+    if importance:
+        from .importance import measure_importance
+
+        imp = measure_importance(
+            loaded,
+            batch,
+            sim,
+            alpha_rule=importance_alpha,
+            n_samples=min(importance_samples, batch.n_samples),
+            progress=_scaled(progress, 0.85, 1.0),
+        )
+        sim.timings["importance"] = imp.seconds
     report(progress, 1.0, "analysis done")
-    return Analysis(batch, acts, sim)
+    return Analysis(batch, acts, sim, stab, imp)
 
 
 def load_analysis(loaded: LoadedModel, folder) -> Analysis:
@@ -99,7 +147,10 @@ def load_analysis(loaded: LoadedModel, folder) -> Analysis:
     batch = make_calibration(
         loaded.tokenizer, docs, n_samples=int(p["n_samples"]), max_tokens=int(p["max_tokens"])
     )
-    return Analysis(batch, None, sim)
+    from .importance import ImportanceResult
+    from .stability import StabilityResult
+
+    return Analysis(batch, None, sim, StabilityResult.load(folder), ImportanceResult.load(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +246,8 @@ def make_budget_plan(
     protect_last: bool = True,
     recompute: bool = False,
     progress: ProgressFn | None = None,
+    npib: str = "single",
+    loss_samples: int | None = None,
 ):
     """A plan removing a number of layers (or a compression ratio = removed / original)."""
     from .plan import layers_to_remove
@@ -219,6 +272,9 @@ def make_budget_plan(
         protect_last=protect_last,
         recompute=recompute,
         progress=progress,
+        npib=npib,
+        stability=analysis.stability,
+        **({"loss_samples": loss_samples} if loss_samples else {}),
     )
 
 

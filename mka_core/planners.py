@@ -16,6 +16,7 @@ build merged blocks only when the engine reaches them, so they work on streamed 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +35,17 @@ from .similarity import SimilarityResult, cluster_codes, npib_from_codes
 
 log = logging.getLogger(__name__)
 
-PLANNERS = ("mka", "mka-tail", "shortgpt", "angular", "laco")
+PLANNERS = ("mka", "mka-tail", "shortgpt", "angular", "laco", "sleb", "mka-loss")
+PLANNER_HELP = {
+    "mka": "MKA (the paper): merge the adjacent pair with the highest NPIB, α by the chosen rule",
+    "mka-tail": "the released MKA code's rule: always merge the last two unprotected layers",
+    "shortgpt": "ShortGPT: drop the layers with the lowest Block Influence",
+    "angular": "Gromov et al.: drop the run of layers whose input and output differ least",
+    "laco": "LaCo: collapse following layers into one while the final states stay close",
+    "sleb": "SLEB: drop, one at a time, the layer whose removal raises calibration loss least",
+    "mka-loss": "MKA by measured loss: merge the pair whose merge raises the loss least, α searched",
+}
+NPIB_KINDS = ("single", "bootstrap")
 ALPHA_RULES = ("similarity", "rowmean", "fixed", "search")
 SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo merges
 
@@ -183,22 +194,40 @@ def plan_layers(
     laco_layers: int = 4,
     laco_threshold: float = 0.65,
     progress: ProgressFn | None = None,
+    npib: str = "single",
+    stability=None,
+    loss_samples: int = SEARCH_SAMPLES,
 ) -> Plan:
-    """Plan the removal of `n_remove` layers with one of PLANNERS (see the module docstring)."""
+    """Plan the removal of `n_remove` layers with one of PLANNERS (see the module docstring).
+
+    npib: for mka, "single" (the analysis' NPIB, as the paper) or "bootstrap" (NPIB averaged
+    over the bootstrap replicates of `stability`, steadier). loss_samples: calibration samples
+    the loss-guided planners (sleb, mka-loss, laco, α search) score with."""
     if planner not in PLANNERS:
         raise MkaInputError(f"unknown planner {planner!r}; expected one of {', '.join(PLANNERS)}")
+    if npib not in NPIB_KINDS:
+        raise MkaInputError(f"unknown NPIB kind {npib!r}; expected one of {', '.join(NPIB_KINDS)}")
+    if npib == "bootstrap":
+        if stability is None:
+            raise MkaInputError("npib=bootstrap needs the analysis' stability (bootstrap) result")
+        sim = copy.copy(sim)
+        sim.matrices = {**sim.matrices, "npib": stability.npib_mean}
     _check_common(loaded, sim, alpha_rule, alpha)
     n = loaded.n_layers
     n_remove = layers_to_remove(
         n, remove=n_remove, protect_first=protect_first, protect_last=protect_last
     )
-    needs_batch = alpha_rule == "search" or planner == "laco" or (planner == "mka" and recompute)
+    needs_batch = (
+        alpha_rule == "search"
+        or planner in ("laco", "sleb", "mka-loss")
+        or (planner == "mka" and recompute)
+    )
     if needs_batch and batch is None:
         raise MkaInputError(
             f"planner {planner} with alpha rule {alpha_rule} needs calibration data"
         )
     protected = protected_layers(n, protect_first, protect_last)
-    small = _subset(batch, SEARCH_SAMPLES) if batch is not None else None
+    small = _subset(batch, loss_samples) if batch is not None else None
     params = {
         "n_remove": n_remove,
         "protect_first": protect_first,
@@ -210,11 +239,19 @@ def plan_layers(
     if alpha_rule == "fixed":
         params["alpha"] = alpha
     if planner == "mka":
-        params["recompute"] = recompute
+        params.update(recompute=recompute, npib=npib)
         steps = _plan_mka(
             loaded, sim, small, n_remove, alpha_rule, alpha, protected, recompute, batch, progress
         )
-        similarity = "npib"
+        similarity = "npib" if npib == "single" else "npib-bootstrap"
+    elif planner in ("sleb", "mka-loss"):
+        from .importance import plan_mka_loss, plan_sleb
+
+        params["loss_samples"] = small.n_samples
+        fn = plan_sleb if planner == "sleb" else plan_mka_loss
+        steps = fn(loaded, small, n_remove, protected, progress)
+        similarity = "calibration-loss"
+        alpha_rule = "search" if planner == "mka-loss" else None
     elif planner == "mka-tail":
         steps = _plan_tail(loaded, sim, small, n_remove, alpha_rule, alpha, protected, progress)
         similarity = "npib"

@@ -227,6 +227,50 @@ def _atomic(path: Path, write, binary: bool = False) -> None:
         raise
 
 
+def measures_of(
+    states: np.ndarray,
+    k: int = 8,
+    d: int = 4,
+    t: float = 1.0,
+    alpha: float = 0.5,
+    epsilon: float | None = None,
+    seed: int = 0,
+    timings: dict | None = None,
+    progress: ProgressFn | None = None,
+):
+    """Every measure on pooled states (n_layers + 1, n_rows, d_model): (matrices, bi, angular
+    between all block boundaries, diffusion maps, NPIB codes). Used on all rows by
+    `compute_similarity` and on resampled rows by `stability`."""
+    timings = {} if timings is None else timings
+    outs = states[1:]  # (L, N, H)
+
+    t0 = time.perf_counter()
+    report(progress, 0.0, "diffusion maps")
+    maps = diffusion_maps(outs, d=d, t=t, alpha=alpha, epsilon=epsilon)
+    timings["diffusion"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    report(progress, 0.4, "NPIB: clustering and mutual information")
+    codes = cluster_codes([m.embedding for m in maps], k=k, seed=seed)
+    npib = npib_from_codes(codes)
+    timings["npib"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    report(progress, 0.7, "cosine, angular, CKA, Block Influence")
+    cos_all = row_cosines(states)  # (L+1, L+1, N) over all block boundaries
+    cosine = cos_all[1:, 1:].mean(axis=-1)
+    ang_states = (np.arccos(cos_all) / np.pi).mean(axis=-1)
+    matrices = {
+        "npib": npib,
+        "cosine": cosine,
+        "angular": ang_states[1:, 1:],
+        "cka": cka_matrix(outs),
+    }
+    bi = 1.0 - np.array([cos_all[i, i + 1].mean() for i in range(states.shape[0] - 1)])
+    timings["other_measures"] = time.perf_counter() - t0
+    return matrices, bi, ang_states, maps, codes
+
+
 def compute_similarity(
     acts: Activations,
     k: int = 8,
@@ -243,32 +287,9 @@ def compute_similarity(
     if k < 2:
         raise MkaInputError(f"number of clusters k={k} must be >= 2")
     timings: dict[str, float] = {}
-    outs = acts.outputs  # (L, N, H)
-
-    t0 = time.perf_counter()
-    report(progress, 0.0, "diffusion maps")
-    maps = diffusion_maps(outs, d=d, t=t, alpha=alpha, epsilon=epsilon)
-    timings["diffusion"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    report(progress, 0.4, "NPIB: clustering and mutual information")
-    codes = cluster_codes([m.embedding for m in maps], k=k, seed=seed)
-    npib = npib_from_codes(codes)
-    timings["npib"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    report(progress, 0.7, "cosine, angular, CKA, Block Influence")
-    cos_all = row_cosines(acts.states)  # (L+1, L+1, N) over all block boundaries
-    cosine = cos_all[1:, 1:].mean(axis=-1)
-    ang_states = (np.arccos(cos_all) / np.pi).mean(axis=-1)
-    matrices = {
-        "npib": npib,
-        "cosine": cosine,
-        "angular": ang_states[1:, 1:],
-        "cka": cka_matrix(outs),
-    }
-    bi = 1.0 - np.array([cos_all[i, i + 1].mean() for i in range(acts.n_layers)])
-    timings["other_measures"] = time.perf_counter() - t0
+    matrices, bi, ang_states, maps, codes = measures_of(
+        acts.states, k, d, t, alpha, epsilon, seed, timings, progress
+    )
     report(progress, 1.0, "similarity done")
 
     params = {

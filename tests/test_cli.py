@@ -373,3 +373,39 @@ def test_heal_refuses_a_streamed_model(tmp_path):
     proc = run_cli("heal", *FAST, "--offload", "--steps", "1", "--out", str(tmp_path / "h"))
     assert_one_line_error(proc, "cannot be healed here")
     assert not (tmp_path / "h").exists()
+
+
+def test_analyze_writes_stability_and_importance(tmp_path, capsys):
+    out = tmp_path / "an"
+    args = ["analyze", *FAST, "--samples", "48", "--tokens", "32", "--n-boot", "3"]
+    assert main([*args, "--importance", "--importance-samples", "8", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {"stability.json", "stability.npz", "importance.json"} <= {p.name for p in out.iterdir()}
+    st = summary["stability"]
+    assert set(st) == {"npib", "cosine", "angular", "cka", "bi"} and "reading" in st["npib"]
+    assert summary["stability_bootstrap_replicates"] == 3
+    assert len(summary["importance"]["drop"]) == 6
+    assert set(summary["importance"]["proxy_vs_truth_spearman"]) >= {"bi", "npib", "cka"}
+
+
+def test_compare_command_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", *FAST, "--samples", "48", "--tokens", "32", *EVAL[:4]]
+    args += ["--planners", "shortgpt,sleb", "--budgets", "1,2", "--transact", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "shortgpt -1" in text and "transact -2" in text
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert rows[0].startswith("config,planner,option,layers_removed") and len(rows) == 1 + 7
+
+
+def test_compare_bad_planner_and_dead_ray_address_are_one_line(tmp_path):
+    proc = run_cli("compare", *FAST, "--planners", "mka,bogus", "--out", str(tmp_path / "c"))
+    assert_one_line_error(proc, "unknown planner 'bogus'")
+    proc = run_cli(
+        "compare", *FAST, "--samples", "48", "--tokens", "32", "--planners", "shortgpt",
+        "--budgets", "1", "--executor", "ray", "--address", "127.0.0.1:1",
+        "--out", str(tmp_path / "c"),
+    )  # fmt: skip
+    assert_one_line_error(proc, "does not answer")
+    assert not (tmp_path / "c").exists()

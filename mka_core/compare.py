@@ -1,0 +1,604 @@
+"""`compare`: planners × budgets (and TransAct at equal parameters) on one analysis and one
+evaluation of the original, in one table (SPEC §13).
+
+A *config* is one planner spec at one budget: ``mka`` (α = NPIB, the paper), ``mka:<α rule>``
+(``similarity``, ``rowmean``, ``fixed``, ``search``, or ``drop``: the same pairs with the second
+layer dropped), ``mka:bootstrap`` (NPIB averaged over bootstrap resamples), ``mka-tail``,
+``shortgpt``, ``angular``, ``laco``, ``sleb``, ``mka-loss``; and ``transact``, which prunes MLP
+neurons until the model has the parameters of the layer-removed ones at that budget. Every row is
+evaluated against the original's final hidden states, computed once; its perplexity is also given
+on the two halves of the evaluation windows (even / odd), so a reader sees which differences are
+larger than the text's own spread.
+
+Configs run one after another (``executor="local"``), or each as a Ray task with its resources
+declared (a GPU each where the cluster has GPUs), so a cluster sweeps many configs at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MkaInputError, ProgressFn, report
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mka-compare"
+VERSION = 1
+PLANNER_OPTIONS = {
+    "mka": ("similarity", "rowmean", "fixed", "search", "drop", "bootstrap"),
+    "mka-tail": ("similarity", "rowmean", "fixed", "search"),
+}
+COLUMNS = [
+    "config",
+    "planner",
+    "option",
+    "layers_removed",
+    "healed",
+    "n_layers",
+    "params",
+    "params_removed_pct",
+    "perplexity",
+    "perplexity_half_a",
+    "perplexity_half_b",
+    "kl",
+    "top1",
+    "decode_tps",
+    "intermediate_size",
+    "plan_s",
+    "build_s",
+    "heal_s",
+    "eval_s",
+    "heal_from_perplexity",
+    "alpha_mean",
+    "steps",
+    "error",
+]
+
+
+class PlanningTooLong(Exception):
+    """Raised from a planner's progress when it runs past the sweep's time limit."""
+
+
+@dataclass(frozen=True)
+class Config:
+    planner: str  # a planner name, or "transact"
+    option: str | None  # the α rule / NPIB kind of mka and mka-tail
+    budget: int  # layers removed (TransAct: the same number of layers' parameters)
+
+    @property
+    def label(self) -> str:
+        return f"{self.planner}{':' + self.option if self.option else ''} -{self.budget}"
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict]  # the original first, then one per config (and healed ones)
+    plans: list[dict] = field(default_factory=list)  # plan JSON of every planned row
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "meta": self.meta, "rows": self.rows}
+
+    def csv(self) -> str:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _cell(r.get(k)) for k in COLUMNS})
+        return buf.getvalue()
+
+    def save(self, out_dir, overwrite: bool = False) -> Path:
+        """compare.csv, compare.json, plans.json and compare.html (the figure) into a new folder,
+        written whole or not at all."""
+        from .figures import compare_figure
+        from .files import atomic_dir
+
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            (tmp / "compare.csv").write_text(self.csv(), encoding="utf-8")
+            (tmp / "compare.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            (tmp / "plans.json").write_text(json.dumps({"plans": self.plans}, indent=2) + "\n")
+            compare_figure(self.rows).write_html(tmp / "compare.html", include_plotlyjs="directory")
+        return Path(out_dir)
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def parse_planners(specs) -> list[tuple[str, str | None]]:
+    """ "mka,mka:search,sleb" (or a list) → [(planner, option)], checked."""
+    from .planners import PLANNERS
+
+    if isinstance(specs, str):
+        specs = [p for p in specs.split(",") if p.strip()]
+    out = []
+    for spec in specs:
+        name, _, option = spec.strip().partition(":")
+        option = option or None
+        if name != "transact" and name not in PLANNERS:
+            raise MkaInputError(
+                f"unknown planner {name!r} in {spec!r}; expected {', '.join(PLANNERS)} or transact"
+            )
+        if option is not None and option not in PLANNER_OPTIONS.get(name, ()):
+            allowed = PLANNER_OPTIONS.get(name)
+            raise MkaInputError(
+                f"{spec!r}: {name} takes "
+                + (f"one of {', '.join(allowed)} after ':'" if allowed else "no option")
+            )
+        out.append((name, option))
+    if not out:
+        raise MkaInputError("no planners given; e.g. --planners mka,sleb,shortgpt")
+    return out
+
+
+def parse_budgets(text, n_layers: int, protect_first=True, protect_last=True) -> list[int]:
+    """ "3,6,10" (or a list) → layer counts, each checked against the model."""
+    from .plan import layers_to_remove
+
+    if isinstance(text, str):
+        try:
+            text = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise MkaInputError(f"budgets must be whole numbers of layers, got {text!r}") from None
+    budgets = sorted(set(int(b) for b in text))
+    if not budgets or budgets[0] < 1:
+        raise MkaInputError(f"budgets must be layer counts >= 1, got {text!r}")
+    for b in budgets:
+        layers_to_remove(n_layers, remove=b, protect_first=protect_first, protect_last=protect_last)
+    return budgets
+
+
+def make_configs(planners, budgets, transact: bool = False) -> list[Config]:
+    configs = [Config(p, o, b) for b in budgets for p, o in planners if p != "transact"]
+    if transact or any(p == "transact" for p, _ in planners):
+        configs += [Config("transact", None, b) for b in budgets]
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# one config
+
+
+def _steps_text(plan) -> str:
+    out = []
+    for s in plan.steps:
+        sep = "+" if s.op != "drop" else ","
+        layers = sep.join(str(i) for i in s.layers)
+        if s.op == "merge" and s.weights:
+            out.append(f"merge {layers} ({'/'.join(f'{w:.2f}' for w in s.weights)})")
+        else:
+            out.append(f"{s.op} {layers}")
+    return "; ".join(out)
+
+
+def transact_target(model, target_params: int) -> tuple[int, int]:
+    """The MLP intermediate size that brings TransAct's model closest to `target_params` with
+    every head kept, and the parameter count it gives: params(I') = params − L · unit · (I − I'),
+    where a neuron's unit is a row of gate and up and a column of down (plus biases)."""
+    from .engine import as_stack
+    from .models import count_params
+
+    stack = as_stack(model)
+    cfg = stack.config
+    inter, d = int(cfg.intermediate_size), int(cfg.hidden_size)
+    infos = {i.name: i for i in stack.recipe.infos()}
+    bias = sum(1 for p in ("gate_proj", "up_proj") if f"model.layers.0.mlp.{p}.bias" in infos)
+    unit = 3 * d + bias
+    total, n_layers = count_params(model), stack.n_layers
+    cut = round((total - target_params) / (n_layers * unit))
+    new = min(max(inter - cut, 1), inter)
+    return new, total - n_layers * unit * (inter - new)
+
+
+def _block_params(model) -> int:
+    from .engine import as_stack
+
+    infos = as_stack(model).recipe.infos()
+    return sum(i.numel for i in infos if i.name.startswith("model.layers.0."))
+
+
+def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_samples):
+    from .pipeline import make_budget_plan
+
+    alpha_rule, npib, alpha = "similarity", "single", fixed_alpha
+    if cfg.option == "drop":  # the mka pairs, the second layer of each dropped (α = 1)
+        alpha_rule, alpha = "fixed", 1.0
+    elif cfg.option == "bootstrap":
+        npib = "bootstrap"
+    elif cfg.option:
+        alpha_rule = cfg.option
+    t0 = time.perf_counter()
+
+    def progress(fraction: float, msg: str) -> None:
+        if limit_s is not None and time.perf_counter() - t0 > limit_s:
+            raise PlanningTooLong(f"stopped after {limit_s:.0f} s at: {msg}")
+
+    plan = make_budget_plan(
+        loaded,
+        analysis,
+        cfg.planner,
+        n_remove=cfg.budget,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        progress=progress,
+        npib=npib,
+        loss_samples=loss_samples,
+    )
+    return plan, time.perf_counter() - t0
+
+
+def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
+    from .evaluate import _exp, fidelity, size, speed
+
+    t0 = time.perf_counter()
+    fid = fidelity(loaded.model, model, windows, reference_cache=cache)
+    width = int(windows.shape[1]) - 1
+    halves = {}
+    for name, part in (
+        ("a", fid["window_nll_compressed"][0::2]),
+        ("b", fid["window_nll_compressed"][1::2]),
+    ):
+        halves[f"perplexity_half_{name}"] = _exp(sum(part) / (len(part) * width)) if part else None
+    out = {
+        "perplexity": fid["perplexity_compressed"],
+        "perplexity_original": fid["perplexity_original"],
+        "kl": fid["kl"],
+        "top1": fid["top1"],
+        **halves,
+        "original_halves": [
+            _exp(sum(p) / (len(p) * width)) if p else None
+            for p in (fid["window_nll_original"][0::2], fid["window_nll_original"][1::2])
+        ],
+    }
+    sz = size(model)
+    out.update(
+        params=sz["params"], n_layers=sz["n_layers"], intermediate_size=sz["intermediate_size"]
+    )
+    if with_speed and not loaded.streamed:
+        out["decode_tps"] = speed(model, loaded.tokenizer)["decode_tps"]
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_config(
+    loaded,
+    analysis,
+    cfg: Config,
+    windows,
+    cache: dict,
+    *,
+    params_original: int,
+    fixed_alpha: float = 0.5,
+    with_speed: bool = False,
+    plan_limit_s: float | None = None,
+    loss_samples: int | None = None,
+    transact_samples: int = 32,
+    transact_shots: int = 4,
+    keep_model: bool = False,
+) -> tuple[dict, object]:
+    """One row (and, with keep_model, the compressed model, e.g. for healing)."""
+    from .merge import apply_plan
+    from .transact import prune
+
+    row = {
+        "config": cfg.label,
+        "planner": cfg.planner,
+        "option": cfg.option,
+        "layers_removed": cfg.budget,
+        "healed": False,
+    }
+    plan = None
+    try:
+        if cfg.planner == "transact":
+            target = params_original - cfg.budget * _block_params(loaded.model)
+            inter, _ = transact_target(loaded.model, target)
+            t0 = time.perf_counter()
+            model, rep = prune(
+                loaded.model,
+                analysis.batch.subset(transact_samples),
+                mlp_keep=inter,
+                heads_keep=1.0,
+                shots=transact_shots,
+            )
+            row["build_s"] = time.perf_counter() - t0
+            row["steps"] = (
+                f"MLP {rep.original_intermediate_size}->{rep.new_intermediate_size}, heads kept; "
+                f"parameters of {cfg.budget} layers removed"
+            )
+        else:
+            plan, row["plan_s"] = _plan(
+                loaded, analysis, cfg, fixed_alpha, plan_limit_s, loss_samples
+            )
+            t0 = time.perf_counter()
+            model = apply_plan(loaded.model, plan)
+            row["build_s"] = time.perf_counter() - t0
+            row["steps"] = _steps_text(plan)
+            alphas = [s.weights[0] for s in plan.steps if s.op == "merge" and s.weights]
+            row["alpha_mean"] = sum(alphas) / len(alphas) if alphas else None
+    except PlanningTooLong as e:
+        row["error"] = f"planning {e}"
+        return row, None
+    row.update(_evaluate(loaded, model, windows, cache, with_speed))
+    row["params_removed_pct"] = 100.0 * (1 - row["params"] / params_original)
+    if plan is not None:
+        row["plan"] = plan.to_dict()
+    if not keep_model:
+        del model
+        gc.collect()
+        model = None
+    return row, model
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _check_ray_address(address: str) -> None:
+    """A quick one-line refusal when a Ray head does not answer (ray.init would wait long)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://")[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or hostport, int(port or 6379)), timeout=3):
+            pass
+    except (OSError, ValueError):
+        raise MkaInputError(
+            f"Ray address {address!r} does not answer (no Ray head listening there); start one "
+            f"with `ray start --head` or leave --address out to run locally"
+        ) from None
+
+
+def compare_sweep(
+    loaded,
+    analysis,
+    planners,
+    budgets,
+    *,
+    transact: bool = False,
+    windows=None,
+    eval_budget: int = 8192,
+    eval_window: int = 512,
+    eval_data="builtin",
+    fixed_alpha: float = 0.5,
+    with_speed: bool = False,
+    plan_limit_s: float | None = None,
+    loss_samples: int | None = None,
+    transact_samples: int = 32,
+    transact_shots: int = 4,
+    heal_steps: int = 0,
+    heal_budgets=(),
+    heal_batch: int = 4,
+    heal_lr: float = 1e-4,
+    executor: str = "local",
+    address: str | None = None,
+    progress: ProgressFn | None = None,
+) -> CompareResult:
+    """Run every config (see the module docstring) and return the table.
+
+    Bad input — an unknown planner, a budget beyond the model, a Ray address that does not
+    answer — is refused before anything runs."""
+    from .pipeline import eval_windows
+
+    specs = parse_planners(planners)
+    budgets = parse_budgets(budgets, loaded.n_layers)
+    if executor not in ("local", "ray"):
+        raise MkaInputError(f"unknown executor {executor!r}; expected local or ray")
+    if executor == "ray":
+        _check_ray_address(address or "local")
+    configs = make_configs(specs, budgets, transact)
+    if windows is None:
+        windows = eval_windows(loaded, eval_data, eval_budget, eval_window)
+    t_start = time.perf_counter()
+    from .evaluate import size
+
+    cache: dict = {}
+    params_original = size(loaded.model)["params"]
+    kw = dict(
+        params_original=params_original,
+        fixed_alpha=fixed_alpha,
+        with_speed=with_speed,
+        plan_limit_s=plan_limit_s,
+        loss_samples=loss_samples,
+        transact_samples=transact_samples,
+        transact_shots=transact_shots,
+    )
+    report(progress, 0.0, f"compare: the original on {windows.numel()} tokens")
+    original_row = _original_row(loaded, analysis, windows, cache, with_speed)
+    rows = [original_row]
+    models = {}
+    if executor == "ray":
+        rows += _run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
+    else:
+        for i, cfg in enumerate(configs):
+            keep = heal_steps > 0 and cfg.budget in heal_budgets
+            row, model = run_config(loaded, analysis, cfg, windows, cache, keep_model=keep, **kw)
+            rows.append(row)
+            if model is not None:
+                models[cfg] = model
+            report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {_brief(row)}")
+    if heal_steps > 0:
+        rows += _heal_rows(
+            loaded,
+            analysis,
+            rows,
+            models,
+            windows,
+            cache,
+            kw,
+            heal_steps,
+            heal_batch,
+            heal_lr,
+            heal_budgets,
+        )
+    plans = [dict(config=r["config"], **r.pop("plan")) for r in rows if "plan" in r]
+    meta = {
+        "model": loaded.source,
+        "fingerprint": loaded.fingerprint,
+        "eval_tokens": int(windows.numel()),
+        "eval_positions": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "calibration": {"samples": analysis.batch.n_samples, "tokens": analysis.batch.n_tokens},
+        "executor": executor,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "configs": [c.label for c in configs],
+    }
+    return CompareResult(rows, plans, meta)
+
+
+def _brief(row: dict) -> str:
+    if row.get("error"):
+        return row["error"]
+    return f"perplexity {row['perplexity']:.3f}, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
+
+
+def _original_row(loaded, analysis, windows, cache, with_speed) -> dict:
+    """The original's row; its fidelity against itself fills the reference cache."""
+    row = _evaluate(loaded, loaded.model, windows, cache, with_speed)
+    row.update(config="original", planner="original", layers_removed=0, healed=False)
+    row.update(kl=0.0, top1=1.0, params_removed_pct=0.0)
+    halves = row.pop("original_halves")
+    row["perplexity_half_a"], row["perplexity_half_b"] = halves
+    return row
+
+
+def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch, lr, budgets):
+    """Heal, at each heal budget, the best merge row, the best other planner's row and
+    TransAct, with the same short fine-tune."""
+    from .heal import heal
+
+    out = []
+    for b in budgets:
+        at = [r for r in rows[1:] if r["layers_removed"] == b and not r.get("error")]
+        merges = [
+            r for r in at if r["planner"] in ("mka", "mka-loss") and r.get("option") != "drop"
+        ]
+        others = [r for r in at if r["planner"] not in ("mka", "mka-loss", "transact")]
+        picks = [min(g, key=lambda r: r["perplexity"]) for g in (merges, others) if g]
+        picks += [r for r in at if r["planner"] == "transact"]
+        for base in picks:
+            cfg = next(c for c in models if c.label == base["config"])
+            t0 = time.perf_counter()
+            healed, _ = heal(
+                models[cfg], loaded.tokenizer, analysis.batch, steps=steps, lr=lr, batch_size=batch
+            )
+            heal_s = time.perf_counter() - t0
+            row = {
+                k: base.get(k)
+                for k in (
+                    "config",
+                    "planner",
+                    "option",
+                    "layers_removed",
+                    "plan_s",
+                    "build_s",
+                    "steps",
+                    "alpha_mean",
+                )
+            }
+            row.update(_evaluate(loaded, healed, windows, cache, kw["with_speed"]))
+            row.pop("original_halves", None)
+            row.update(healed=True, heal_s=heal_s, heal_from_perplexity=base["perplexity"])
+            row["params_removed_pct"] = 100.0 * (1 - row["params"] / kw["params_original"])
+            out.append(row)
+            del healed
+    for r in rows:
+        r.pop("original_halves", None)
+    models.clear()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray_task(spec: dict, analysis, cfg: Config, windows, cache: dict, kw: dict) -> dict:
+    """One config in a Ray worker: the model is loaded there (once per worker process)."""
+    from .models import load_model
+
+    key = tuple(sorted(spec.items()))
+    loaded = _WORKER_MODELS.get(key)
+    if loaded is None:
+        loaded = load_model(**spec)
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = loaded
+    row, _ = run_config(loaded, analysis, cfg, windows, cache, **kw)
+    return row
+
+
+_WORKER_MODELS: dict = {}
+
+
+def _run_ray(loaded, analysis, configs, windows, cache, kw, address, progress) -> list[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise MkaInputError(
+            "the Ray executor needs the ray package (pip install ray); or use --executor local"
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            address=None if address in (None, "local") else address,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+        started = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
+        spec = {
+            "source": loaded.source,
+            "device": "cuda" if gpus >= 1 else loaded.device,
+            "dtype": str(loaded.dtype).replace("torch.", ""),
+            "offload": loaded.streamed,
+        }
+        task = ray.remote(**resources)(_ray_task)
+        # the reference states once in the object store, not once per task
+        shared = [ray.put(x) for x in (analysis, windows, cache)]
+        refs = [task.remote(spec, shared[0], cfg, shared[1], shared[2], kw) for cfg in configs]
+        rows = []
+        for i, ref in enumerate(refs):
+            try:
+                rows.append(ray.get(ref))
+            except BaseException:
+                for r in refs[i + 1 :]:
+                    ray.cancel(r, force=True)
+                raise
+            report(
+                progress,
+                (i + 1) / len(refs),
+                f"compare (ray): {configs[i].label}: {_brief(rows[-1])}",
+            )
+        return rows
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def best_rows(rows: list[dict]) -> dict[int, dict]:
+    """The lowest-perplexity unhealed row at each budget."""
+    out: dict[int, dict] = {}
+    for r in rows:
+        if r.get("healed") or r.get("error") or not r.get("layers_removed"):
+            continue
+        b = r["layers_removed"]
+        if b not in out or r["perplexity"] < out[b]["perplexity"]:
+            out[b] = r
+    return out
