@@ -39,13 +39,14 @@ class Settings:
     alpha_rules: tuple[str, ...]  # for mka; "drop" = fixed α 1: same pairs, second layer dropped
     fixed_alpha: float
     transact_samples: int  # calibration samples used to score TransAct units
+    loss_samples: int  # calibration samples sleb, mka-loss, laco and the α search score with
+    importance_samples: int  # calibration samples the measured importance uses
     transact_shots: int
     heal_steps: int
     heal_budgets: tuple[int, ...]  # healing is slow on a CPU: only at these budgets
     heal_batch: int
     heal_lr: float
     plan_limit_s: float  # a planner still running after this is stopped and reported as such
-    search_limit_s: float  # the same for the mka `search` α rule (one run for every budget)
     speed_prompt_tokens: int
     decode_tokens: int
     speed_repeats: int
@@ -69,19 +70,20 @@ FULL = Settings(
     model="bundled:smollm2-135m",
     calib_samples=128,
     calib_tokens=128,
-    eval_tokens=2048,
+    eval_tokens=8192,
     eval_window=512,
     budgets=(3, 6, 10),
     alpha_rules=("similarity", "rowmean", "fixed", "search", "drop"),
     fixed_alpha=0.5,
     transact_samples=32,
+    loss_samples=16,
+    importance_samples=32,
     transact_shots=4,
     heal_steps=10,
     heal_budgets=(6, 10),
     heal_batch=4,
     heal_lr=1e-4,
-    plan_limit_s=120,
-    search_limit_s=720,
+    plan_limit_s=900,
     speed_prompt_tokens=64,
     decode_tokens=16,
     speed_repeats=2,
@@ -106,13 +108,14 @@ QUICK = Settings(
     alpha_rules=("similarity", "rowmean", "fixed", "search", "drop"),
     fixed_alpha=0.5,
     transact_samples=16,
+    loss_samples=8,
+    importance_samples=16,
     transact_shots=2,
     heal_steps=3,
     heal_budgets=(2,),
     heal_batch=4,
     heal_lr=1e-4,
     plan_limit_s=30,
-    search_limit_s=60,
     speed_prompt_tokens=32,
     decode_tokens=8,
     speed_repeats=2,

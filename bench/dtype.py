@@ -41,7 +41,7 @@ def run(settings: Settings, out: Path) -> dict:
     from mka_core.data import load_documents, make_calibration
     from mka_core.evaluate import perplexity
     from mka_core.models import load_model
-    from mka_core.pipeline import eval_windows, make_budget_plan
+    from mka_core.pipeline import Analysis, eval_windows, make_budget_plan
     from mka_core.similarity import compute_similarity
 
     repeats = 2
@@ -59,13 +59,10 @@ def run(settings: Settings, out: Path) -> dict:
         ppl_s, ppl = _best(lambda m=model, w=windows: perplexity(m, w), repeats)
         sim = compute_similarity(acts)
 
-        class A:  # what make_budget_plan reads of an analysis
-            pass
-
-        analysis = A()
-        analysis.similarity, analysis.batch = sim, batch
+        analysis = Analysis(batch, acts, sim)
+        n_remove = min(6, loaded.n_layers - 3)
         picks = {
-            p: [st.layers for st in make_budget_plan(loaded, analysis, p, n_remove=6).steps]
+            p: [st.layers for st in make_budget_plan(loaded, analysis, p, n_remove=n_remove).steps]
             for p in ("mka", "shortgpt", "angular")
         }
         runs[name] = dict(capture_s=cap_s, eval_s=ppl_s, perplexity=ppl, sim=sim, picks=picks)
@@ -126,7 +123,7 @@ def run(settings: Settings, out: Path) -> dict:
         same = f["picks"][p] == b["picks"][p]
         rows.append(
             dict(
-                what=f"{p} picks at 6 layers",
+                what=f"{p} picks at {min(6, f['sim'].n_layers - 3)} layers",
                 fp32=str(f["picks"][p]),
                 bf16=str(b["picks"][p]),
                 ratio=None,

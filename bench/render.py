@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .common import COMMAND, DEFAULT_OUT, REPO, machine_line, read_csv, read_json, write_atomic
 from .render_scale import dtype_section, scale_section
+from .render_truth import method_section, truth_section
 
 STAGE_ORDER = ("capture", "diffusion", "npib", "other_measures", "plan", "apply")
 ANALYSIS_STAGES = ("capture", "diffusion", "npib", "other_measures")
@@ -32,8 +33,18 @@ STAGE_NAMES = {
     "apply": "applying the plan",
     "evaluate": "evaluating (original vs compressed)",
 }
-METHOD_ORDER = ("original", "mka", "mka-tail", "shortgpt", "angular", "laco", "transact")
-RULE_ORDER = ("similarity", "rowmean", "fixed", "search", "drop")
+METHOD_ORDER = (
+    "original",
+    "mka",
+    "mka-loss",
+    "mka-tail",
+    "shortgpt",
+    "angular",
+    "laco",
+    "sleb",
+    "transact",
+)
+RULE_ORDER = ("similarity", "rowmean", "fixed", "search", "drop", "bootstrap")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +92,8 @@ def _label(row: dict, fixed_alpha=None) -> str:
             return f"{m} · fixed α {fixed_alpha:g}" if fixed_alpha is not None else f"{m} · fixed"
         if r == "drop":
             return f"{m} · drop (α = 1)"
+        if r == "bootstrap":
+            return f"{m} · bootstrap NPIB"
         return f"{m} · {r}"
     return m
 
@@ -680,15 +693,16 @@ def _quality_table(
     sel = [r for r in rows if r["layers_removed"] == n]
     sel.sort(key=lambda r: (r["perplexity"] is None, r["perplexity"] or 0, r["healed"]))
     lines = [
-        "| method | healed | params (M) | perplexity | vs original | KL (nats) | top-1 | "
-        "decode tok/s | plan s | steps |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | healed | params (M) | perplexity | halves | vs original | KL (nats) | "
+        "top-1 | decode tok/s | plan s | steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sel:
         ppl = r["perplexity"]
         lines.append(
             f"| {_label(r, fixed_alpha)} | {'yes' if r['healed'] else ''} | "
             f"{_mparams(r['params'])} | {_ppl(ppl)} | "
+            f"{_ppl(r.get('perplexity_half_a'))} / {_ppl(r.get('perplexity_half_b'))} | "
             f"{_ratio(ppl / p0) if ppl else '—'} | {_num(r['kl'], 3)} | "
             f"{_num(100 * r['top1'], 1) + ' %' if r['top1'] is not None else '—'} | "
             f"{_num(r['decode_tps'], 1)} | {_num(r.get('plan_s'), 1)} | "
@@ -767,7 +781,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
     )
     L.append("")
     if settings:
-        L += _setup_section(settings, quality, sections)
+        L += method_section(settings, sections)
 
     # -- quality
     if quality:
@@ -873,6 +887,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         L.append("")
         L += img("app_timing", "app responsiveness")
 
+    L += truth_section(out, quality)
     L += dtype_section(out)
     L += scale_section(out)
 
@@ -890,65 +905,6 @@ def _relpath(target: Path, start: Path) -> str:
     import os
 
     return Path(os.path.relpath(Path(target).resolve(), Path(start).resolve())).as_posix()
-
-
-def _setup_section(s: dict, quality: list[dict], sections: dict) -> list[str]:
-    q = sections.get("quality", {})
-    return [
-        "## Method",
-        "",
-        f"- **Model**: `{s.get('model')}` (fp32 on the device above).",
-        f"- **Calibration** (analysis, planning, TransAct scoring, healing): the built-in "
-        f"corpus's calibration split, {s.get('calib_samples')} samples of at most "
-        f"{s.get('calib_tokens')} tokens ({q.get('calibration_tokens', '?')} tokens), mean "
-        "pooling, NPIB with k = 8 clusters (at most N/8) of a 4-D diffusion map. The same batch for every row.",
-        f"- **Evaluation**: the disjoint evaluation split, {q.get('eval_tokens', s.get('eval_tokens'))}"
-        f" tokens in non-overlapping windows of {s.get('eval_window')} "
-        f"({q.get('eval_positions', '?')} predicted positions), the same for every row. "
-        "KL(original ‖ compressed) and top-1 agreement are measured against the original's "
-        "next-token distributions, computed once and reused for every row "
-        "(`evaluate.fidelity(..., reference_cache=...)`).",
-        f"- **Decode speed**: greedy `generate` with the KV cache, batch 1, after the product's "
-        f"fixed {s.get('speed_prompt_tokens')}-token speed prompt: "
-        f"({s.get('decode_tokens')} − 1) / (t({s.get('decode_tokens')} new tokens) − "
-        f"t(1 new token)), best of {s.get('speed_repeats')} each, so the prefill cancels out. "
-        "(`evaluate.speed` is not used here: it subtracts a forward pass that computes logits "
-        "at every prompt position while `generate` computes them at the last one only, which "
-        "makes its decode time too short, and on a busy machine negative.)",
-        f"- **Budgets**: {', '.join(str(b) for b in s.get('budgets', []))} layers removed; the "
-        "first and last layers are protected. **Parameters** count unique tensors (tied "
-        "embeddings once).",
-        "- **Planners** (`pipeline.make_budget_plan` → `planners.plan_layers`, defaults "
-        "otherwise): `mka` merges the adjacent pair with the highest NPIB, greedily, with each α "
-        f"rule — `similarity` (α = NPIB of the pair), `rowmean` (the released code's rule), "
-        f"`fixed` (α = {s.get('fixed_alpha')}), `search` (α minimising the loss on 16 "
-        "calibration samples) — and a control, `drop` (fixed α = 1: the same pairs, the second "
-        "layer dropped instead of merged); `mka-tail` merges the last two unprotected layers "
-        "(α = similarity); `shortgpt` drops the layers of lowest Block Influence; `angular` "
-        "drops the run of consecutive layers with the smallest angular distance; `laco` "
-        "collapses layers top-down while the cosine of the final hidden states stays above a "
-        "threshold (lowered by the planner until the budget is met).",
-        f"- **TransAct** (`transact.prune`) keeps every layer and head and shrinks every MLP to "
-        "the intermediate size that matches the parameter count of the layer-removed models at "
-        "the same budget (exact arithmetic: one MLP neuron is 3 × d_model weights per layer; "
-        "the table's params show the match), scored on "
-        f"{s.get('transact_samples')} of the calibration samples, {s.get('transact_shots')} "
-        "shots.",
-        f"- **Healing** (`heal.heal`): {s.get('heal_steps')} AdamW steps, batch "
-        f"{s.get('heal_batch')}, lr {s.get('heal_lr')}, on the calibration batch. A step takes "
-        "seconds on a CPU, so only at "
-        f"{' and '.join(str(b) for b in s.get('heal_budgets', []))} layers removed and only "
-        "three rows: the best MKA merge row, the best row of the other layer-removal planners, "
-        "and TransAct. This is a short heal: it shows which compressions recover fastest, not "
-        "how far a full fine-tune would go.",
-        f"- **Time limits**: a planner still running after {s.get('plan_limit_s', 0):.0f} s "
-        f"({s.get('search_limit_s', 0):.0f} s for the `search` α rule) is stopped and its row "
-        "says so instead of giving numbers. The `search` plans for the smaller budgets are the "
-        "first steps of the largest budget's plan (the greedy planner's merge r depends only on "
-        "the merges before it; checked on the `similarity` rule in every run), so α is "
-        "searched once.",
-        "",
-    ]
 
 
 def _baseline(cost: list[dict]) -> float:

@@ -61,6 +61,13 @@ COLUMNS = [
 ]
 
 
+# Greedy planners whose plan for b layers is the first b steps of their plan for more (their
+# choices never look ahead), so one run at the largest budget plans every budget; angular (one
+# run of n layers) and LaCo (ranges collapsed top-down) are planned at each budget.
+PREFIX_PLANNERS = ("mka", "mka-tail", "shortgpt", "sleb", "mka-loss")
+STEP_MESSAGES = ("merged layers", "dropped layer")  # a greedy step completed (progress text)
+
+
 class PlanningTooLong(Exception):
     """Raised from a planner's progress when it runs past the sweep's time limit."""
 
@@ -215,6 +222,7 @@ def _block_params(model) -> int:
 
 
 def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_samples):
+    """(plan, seconds, step_times): step_times[k] is when greedy step k + 1 was done."""
     from .pipeline import make_budget_plan
 
     alpha_rule, npib, alpha = "similarity", "single", fixed_alpha
@@ -225,9 +233,13 @@ def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_sampl
     elif cfg.option:
         alpha_rule = cfg.option
     t0 = time.perf_counter()
+    steps_done: list[float] = []
 
     def progress(fraction: float, msg: str) -> None:
-        if limit_s is not None and time.perf_counter() - t0 > limit_s:
+        el = time.perf_counter() - t0
+        if any(m in msg for m in STEP_MESSAGES):
+            steps_done.append(el)
+        if limit_s is not None and el > limit_s:
             raise PlanningTooLong(f"stopped after {limit_s:.0f} s at: {msg}")
 
     plan = make_budget_plan(
@@ -241,7 +253,56 @@ def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_sampl
         npib=npib,
         loss_samples=loss_samples,
     )
-    return plan, time.perf_counter() - t0
+    return plan, time.perf_counter() - t0, steps_done
+
+
+class _Planned:
+    """Plans for every budget of one planner spec: greedy ones from a single run at the largest
+    budget that fits in the time limit (prefixes, with the time each prefix took), the others at
+    each budget."""
+
+    def __init__(self, loaded, analysis, fixed_alpha, limit_s, loss_samples):
+        self.args = (loaded, analysis, fixed_alpha, limit_s, loss_samples)
+        self.runs: dict[tuple, tuple] = {}  # (planner, option) -> (plan, steps_done) or error
+
+    def get(self, cfg: Config, budgets: list[int]):
+        """(plan, seconds) for `cfg`, or raises PlanningTooLong."""
+        from .plan import make_plan
+
+        loaded, analysis, fixed_alpha, limit_s, loss_samples = self.args
+        if cfg.planner not in PREFIX_PLANNERS:
+            plan, seconds, _ = _plan(loaded, analysis, cfg, fixed_alpha, limit_s, loss_samples)
+            return plan, seconds
+        key = (cfg.planner, cfg.option)
+        if key not in self.runs:
+            error = None
+            for b in sorted((b for b in budgets if b >= cfg.budget), reverse=True):
+                try:
+                    big = Config(cfg.planner, cfg.option, b)
+                    plan, seconds, done = _plan(
+                        loaded, analysis, big, fixed_alpha, limit_s, loss_samples
+                    )
+                    self.runs[key] = (plan, seconds, done)
+                    break
+                except PlanningTooLong as e:
+                    error = e
+            else:
+                self.runs[key] = error
+        got = self.runs[key]
+        if isinstance(got, PlanningTooLong) or got is None:
+            raise got or PlanningTooLong("not planned")
+        plan, seconds, done = got
+        if cfg.budget > plan.n_removed:
+            raise PlanningTooLong(f"a {plan.n_removed}-layer plan was the most within the limit")
+        if cfg.budget == plan.n_removed:
+            return plan, seconds
+        method = json.loads(json.dumps(plan.method))
+        method["params"]["n_remove"] = cfg.budget
+        method["params"]["note"] = (
+            f"the first {cfg.budget} steps of the {plan.n_removed}-layer plan"
+        )
+        t = done[cfg.budget - 1] if len(done) >= cfg.budget else None
+        return make_plan(loaded, plan.steps[: cfg.budget], method), t
 
 
 def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
@@ -285,6 +346,8 @@ def run_config(
     cache: dict,
     *,
     params_original: int,
+    planned: _Planned | None = None,
+    budgets: list[int] | None = None,
     fixed_alpha: float = 0.5,
     with_speed: bool = False,
     plan_limit_s: float | None = None,
@@ -323,9 +386,8 @@ def run_config(
                 f"parameters of {cfg.budget} layers removed"
             )
         else:
-            plan, row["plan_s"] = _plan(
-                loaded, analysis, cfg, fixed_alpha, plan_limit_s, loss_samples
-            )
+            planned = planned or _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
+            plan, row["plan_s"] = planned.get(cfg, budgets or [cfg.budget])
             t0 = time.perf_counter()
             model = apply_plan(loaded.model, plan)
             row["build_s"] = time.perf_counter() - t0
@@ -427,9 +489,20 @@ def compare_sweep(
     if executor == "ray":
         rows += _run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
     else:
+        planned = _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
         for i, cfg in enumerate(configs):
             keep = heal_steps > 0 and cfg.budget in heal_budgets
-            row, model = run_config(loaded, analysis, cfg, windows, cache, keep_model=keep, **kw)
+            row, model = run_config(
+                loaded,
+                analysis,
+                cfg,
+                windows,
+                cache,
+                keep_model=keep,
+                planned=planned,
+                budgets=budgets,
+                **kw,
+            )
             rows.append(row)
             if model is not None:
                 models[cfg] = model

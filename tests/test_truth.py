@@ -181,3 +181,16 @@ def test_ray_executor_gives_the_local_table(tiny, analysis):
         for key in ("perplexity", "kl", "top1", "params"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["config"], key)
     assert torch.get_num_threads() >= 1
+
+
+def test_greedy_plans_are_prefixes_so_compare_plans_once(tiny, analysis):
+    """compare plans sleb / mka / shortgpt once at the largest budget and takes prefixes: the
+    prefix is what planning the smaller budget directly gives."""
+    from mka_core.compare import Config, _Planned
+
+    planned = _Planned(tiny, analysis, 0.5, None, None)
+    for name in ("sleb", "mka", "shortgpt", "mka-loss"):
+        small, _ = planned.get(Config(name, None, 1), [1, 2])
+        direct = make_budget_plan(tiny, analysis, name, n_remove=1)
+        assert small.steps == direct.steps, name
+        assert small.method["params"]["note"].startswith("the first 1 steps")
