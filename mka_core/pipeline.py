@@ -123,7 +123,7 @@ def analyze(
     return Analysis(batch, acts, sim, stab, imp)
 
 
-def load_analysis(loaded: LoadedModel, folder) -> Analysis:
+def load_analysis(loaded: LoadedModel, folder, data=None) -> Analysis:
     """An analysis saved by `analyze` (the CLI's analyze --out), for this model: its similarity
     result, and the calibration batch rebuilt from the settings it records (tokenising is cheap;
     the capture is what is saved). Refused when it was made on another model."""
@@ -140,10 +140,13 @@ def load_analysis(loaded: LoadedModel, folder) -> Analysis:
             f"fingerprint {p.get('fingerprint')}), not on this model ({loaded.n_layers} layers, "
             f"{loaded.fingerprint})"
         )
-    data = p.get("data", BUILTIN)
-    if data == "documents":
-        raise MkaInputError(f"the analysis in {folder} was made on text given in memory; redo it")
-    docs = load_documents(data, "calibration")
+    if data is None:
+        data = p.get("data", BUILTIN)
+        if data == "documents":
+            raise MkaInputError(
+                f"the analysis in {folder} was made on text given in memory; redo it"
+            )
+    docs = load_documents(data, "calibration") if isinstance(data, str) else data
     batch = make_calibration(
         loaded.tokenizer, docs, n_samples=int(p["n_samples"]), max_tokens=int(p["max_tokens"])
     )
@@ -213,6 +216,7 @@ class Run:
             "kind": self.kind,
             "label": self.label,
             "stages": self.stages,
+            "seconds": round(self.seconds, 3),
         }
         if self.original is not None:  # a run exported without an evaluation records its stages
             d.update(original=self.original.to_dict(), compressed=self.compressed.to_dict())
@@ -307,26 +311,42 @@ def eval_windows(
     return make_eval_windows(loaded.tokenizer, docs, budget_tokens=budget_tokens, window=window)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a run is evaluated (the same for the original and every compressed model)."""
+
+    eval_data: object = BUILTIN  # builtin, a file path, or a list of Documents
+    budget_tokens: int = 8192
+    window: int = 512
+    with_speed: bool = True
+    with_generations: bool = True
+    gen_tokens: int = 32
+    mmlu_folder: object = None
+
+    def key(self) -> tuple:
+        """What decides the original's result (to reuse it across runs)."""
+        data = self.eval_data if isinstance(self.eval_data, str) else id(self.eval_data)
+        return (
+            data,
+            self.budget_tokens,
+            self.window,
+            self.with_speed,
+            self.with_generations,
+            self.gen_tokens,
+            str(self.mmlu_folder),
+        )
+
+
 def _evaluate_pair(
-    loaded,
-    model,
-    label,
-    eval_data,
-    budget_tokens,
-    window,
-    with_speed,
-    with_generations,
-    mmlu_folder,
-    progress,
-    original=None,
-    reference_cache=None,
+    loaded, model, label, settings: EvalSettings, progress, original=None, reference_cache=None
 ):
     """(original, compressed) results. `original`: the original's EvalResult from an earlier run
     with the same settings (reused, not re-measured); `reference_cache`: a dict that keeps the
-    original's logits across runs (see evaluate.fidelity)."""
+    original's final states across runs (see evaluate.fidelity)."""
     from .evaluate import compare
 
-    windows = eval_windows(loaded, eval_data, budget_tokens, window)
+    s = settings
+    windows = eval_windows(loaded, s.eval_data, s.budget_tokens, s.window)
     return compare(
         loaded,
         model,
@@ -334,10 +354,11 @@ def _evaluate_pair(
         tokenizer=loaded.tokenizer,
         label=label,
         original_label=loaded.source,
-        with_speed=with_speed,
-        with_generations=with_generations,
-        mmlu_folder=mmlu_folder,
-        meta={"eval_data": eval_data if isinstance(eval_data, str) else "documents"},
+        with_speed=s.with_speed,
+        with_generations=s.with_generations,
+        gen_tokens=s.gen_tokens,
+        mmlu_folder=s.mmlu_folder,
+        meta={"eval_data": s.eval_data if isinstance(s.eval_data, str) else "documents"},
         progress=progress,
         original_result=original,
         reference_cache=reference_cache,
@@ -347,21 +368,18 @@ def _evaluate_pair(
 def run_plan(
     loaded: LoadedModel,
     plan,
-    eval_data=BUILTIN,
-    budget_tokens: int = 8192,
-    window: int = 512,
-    with_speed: bool = True,
-    with_generations: bool = True,
-    mmlu_folder=None,
+    settings: EvalSettings | None = None,
     label: str | None = None,
     original=None,
     reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
 ) -> Run:
-    """Apply a plan to a copy of the model and evaluate it against the original."""
+    """Apply a plan to a copy of the model (streamed when the model is) and evaluate it against
+    the original."""
     from .merge import apply_plan
     from .plan import check_fingerprint
 
+    settings = settings or EvalSettings()
     t0 = time.perf_counter()
     warning = check_fingerprint(plan, loaded)
     if warning:
@@ -369,18 +387,7 @@ def run_plan(
     model = apply_plan(loaded.model, plan, progress=_scaled(progress, 0.0, 0.1))
     label = label or f"{plan.method.get('planner', 'plan')} -{plan.n_removed} layers"
     orig, comp = _evaluate_pair(
-        loaded,
-        model,
-        label,
-        eval_data,
-        budget_tokens,
-        window,
-        with_speed,
-        with_generations,
-        mmlu_folder,
-        _scaled(progress, 0.1, 1.0),
-        original=original,
-        reference_cache=reference_cache,
+        loaded, model, label, settings, _scaled(progress, 0.1, 1.0), original, reference_cache
     )
     return Run(
         kind="merge",
@@ -403,11 +410,7 @@ def run_transact(
     heads_keep: float = 1.0,
     shots: int = 4,
     base: Run | None = None,
-    eval_data=BUILTIN,
-    budget_tokens: int = 8192,
-    window: int = 512,
-    with_speed: bool = True,
-    with_generations: bool = True,
+    settings: EvalSettings | None = None,
     label: str | None = None,
     original=None,
     reference_cache: dict | None = None,
@@ -417,6 +420,7 @@ def run_transact(
     evaluated against the original. Returns the run and the TransAct report (with scores)."""
     from .transact import prune
 
+    settings = settings or EvalSettings()
     t0 = time.perf_counter()
     start = base.model if base is not None else loaded.model
     model, rep = prune(
@@ -432,18 +436,7 @@ def run_transact(
         f" after {base.label}" if base is not None else ""
     )
     orig, comp = _evaluate_pair(
-        loaded,
-        model,
-        label,
-        eval_data,
-        budget_tokens,
-        window,
-        with_speed,
-        with_generations,
-        None,
-        _scaled(progress, 0.5, 1.0),
-        original=original,
-        reference_cache=reference_cache,
+        loaded, model, label, settings, _scaled(progress, 0.5, 1.0), original, reference_cache
     )
     stages = (list(base.stages) if base is not None else []) + [
         {
@@ -482,11 +475,7 @@ def run_heal(
     steps: int = 100,
     lr: float = 1e-4,
     batch_size: int = 4,
-    eval_data=BUILTIN,
-    budget_tokens: int = 8192,
-    window: int = 512,
-    with_speed: bool = True,
-    with_generations: bool = True,
+    settings: EvalSettings | None = None,
     original=None,
     reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
@@ -500,6 +489,7 @@ def run_heal(
             "about 16 bytes per parameter); this model is streamed from disk because it does not "
             "fit, so it cannot be healed here"
         )
+    settings = settings or EvalSettings()
     t0 = time.perf_counter()
     model, rep = heal(
         run.model,
@@ -512,18 +502,7 @@ def run_heal(
     )
     label = f"{run.label} +heal{steps}"
     orig, comp = _evaluate_pair(
-        loaded,
-        model,
-        label,
-        eval_data,
-        budget_tokens,
-        window,
-        with_speed,
-        with_generations,
-        None,
-        _scaled(progress, 0.6, 1.0),
-        original=original,
-        reference_cache=reference_cache,
+        loaded, model, label, settings, _scaled(progress, 0.6, 1.0), original, reference_cache
     )
     heal_info = rep.to_dict()
     heal_info["perplexity_before"] = run.compressed.perplexity
@@ -542,6 +521,31 @@ def run_heal(
         seconds=run.seconds + time.perf_counter() - t0,
     )
     return healed, rep
+
+
+def run_from_dict(d: dict) -> Run:
+    """A run read back from its mka-run record (without its compressed model)."""
+    from .evaluate import EvalResult
+    from .plan import Plan
+
+    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
+        raise MkaInputError(f"not an {RUN_FORMAT} record")
+    plan = None
+    for stage in d.get("stages", []):
+        if stage.get("stage") == "merge":
+            plan = Plan.from_dict(stage["plan"])
+    return Run(
+        d.get("kind", "?"),
+        d.get("label", "?"),
+        None,
+        None,
+        d.get("source", "?"),
+        list(d.get("stages", [])),
+        EvalResult.from_dict(d["original"]) if d.get("original") else None,
+        EvalResult.from_dict(d["compressed"]) if d.get("compressed") else None,
+        plan=plan,
+        seconds=float(d.get("seconds", 0.0)),
+    )
 
 
 def export_run(

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,14 +215,15 @@ def vector_csv(v: np.ndarray, layers: list[int], name: str) -> str:
 
 
 def _atomic(path: Path, write, binary: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through `write(file)` into memory, then atomically to `path` (files.py)."""
+    import io
+
+    from .files import write_bytes_atomic
+
+    buf = io.BytesIO() if binary else io.StringIO()
+    write(buf)
+    data = buf.getvalue()
+    write_bytes_atomic(path, data if binary else data.encode("utf-8"), overwrite=True)
 
 
 def measures_of(

@@ -5,6 +5,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
+from mka_core.figures import plan_figure
 
 ui.page_setup("Plan", ":material/account_tree:")
 ui.explain(
@@ -35,45 +36,64 @@ with tab_budget:
             icon=":material/arrow_forward:",
         )
     else:
+        c1, c2 = st.columns(2)
+        planner = c1.selectbox(
+            "Planner",
+            planners,
+            key="plan_planner",
+            format_func=lambda p: f"{p} — {ui.planner_help(p)}",
+        )
+        budget_kind = c2.radio(
+            "Budget as",
+            ["layers to remove", "compression ratio"],
+            key="plan_budget_kind",
+            horizontal=True,
+        )
+        if planner in ("sleb", "mka-loss", "laco"):
+            st.caption(
+                "This planner measures the calibration loss of its candidates (16 samples): "
+                "slower than the similarity planners, seconds per layer on a CPU."
+            )
         with st.form("budget_form"):
-            c1, c2 = st.columns(2)
-            planner = c1.selectbox(
-                "Planner",
-                planners,
-                key="plan_planner",
-                format_func=lambda p: f"{p} — {ui.PLANNER_HELP.get(p, '')}",
-            )
-            budget_kind = c2.radio(
-                "Budget as",
-                ["layers to remove", "compression ratio"],
-                key="plan_budget_kind",
-                horizontal=True,
-            )
-            c1, c2 = st.columns(2)
-            n_remove = c1.slider(
-                "Layers to remove",
-                1,
-                max(1, n - 2),
-                min(max(1, n // 5), n - 2) if n > 2 else 1,
-                key="plan_n_remove",
-            )
-            ratio = c2.slider(
-                "Compression ratio (removed / original)",
-                0.0,
-                0.95,
-                0.2,
-                step=0.05,
-                key="plan_ratio",
-                help="The paper's definition: 14 of 32 layers = 43.75 %",
-            )
+            if budget_kind == "layers to remove":
+                n_remove = st.slider(
+                    "Layers to remove",
+                    1,
+                    max(1, n - 2),
+                    min(max(1, n // 5), n - 2) if n > 2 else 1,
+                    key="plan_n_remove",
+                )
+                ratio = None
+            else:
+                ratio = st.slider(
+                    "Compression ratio (removed / original)",
+                    0.0,
+                    0.95,
+                    0.2,
+                    step=0.05,
+                    key="plan_ratio",
+                    help="The paper's definition: 14 of 32 layers = 43.75 %",
+                )
+                n_remove = None
+            merges = planner in ("mka", "mka-tail")
             c1, c2, c3 = st.columns(3)
             alpha_rule = c1.selectbox(
                 "α rule (merges)",
                 alpha_rules,
                 key="plan_alpha_rule",
                 format_func=lambda r: f"{r}: {ui.ALPHA_HELP.get(r, '')}",
+                disabled=not merges,
+                help=None if merges else "This planner drops layers or sets its own weights.",
             )
             alpha = c2.slider("α (fixed rule)", 0.0, 1.0, 0.5, step=0.05, key="plan_alpha")
+            npib = c2.selectbox(
+                "NPIB (mka)",
+                ["single", "bootstrap"],
+                key="plan_npib",
+                disabled=planner != "mka",
+                help="single: the analysis' NPIB, as the paper; bootstrap: NPIB averaged over "
+                "resamples of the rows (steadier; see the stability notes)",
+            )
             protect_first = c3.checkbox("Protect the first layer", True, key="plan_protect_first")
             protect_last = c3.checkbox("Protect the last layer", True, key="plan_protect_last")
             make = st.form_submit_button("Make the plan", type="primary", key="plan_make")
@@ -82,12 +102,13 @@ with tab_budget:
                 with ui.progress_status(f"Planning with {planner}") as progress:
                     ui.make_budget_plan(
                         planner,
-                        n_remove=n_remove if budget_kind == "layers to remove" else None,
-                        ratio=ratio if budget_kind == "compression ratio" else None,
+                        n_remove=n_remove,
+                        ratio=ratio,
                         alpha_rule=alpha_rule,
                         alpha=alpha,
                         protect_first=protect_first,
                         protect_last=protect_last,
+                        npib=npib,
                         progress=progress,
                     )
             except MkaInputError as e:
@@ -109,6 +130,11 @@ with tab_manual:
             ui.add_pick(ui.pair_picks((first, last), op))
         except MkaInputError as e:
             st.error(str(e))
+    if op == "merge" and abs(int(last) - int(first)) > 1:
+        lo, hi = sorted((int(first), int(last)))
+        st.caption(
+            f"A merge of layers {lo}–{hi} makes {hi - lo + 1} layers into one (equal weights)."
+        )
     picks = st.session_state[ui.PICKS]
     if not picks:
         st.info("No picks yet.")
@@ -117,7 +143,7 @@ with tab_manual:
             c1, c2 = st.columns([4, 1])
             c1.markdown(f"{i + 1}. **{ui.describe_pick(pick)}**")
             if c2.button("Remove", key=f"pick_remove_{i}"):
-                picks.pop(i)
+                ui.remove_pick(i)
                 st.rerun()
         c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
         manual_rule = c1.selectbox(
@@ -132,7 +158,7 @@ with tab_manual:
             except MkaInputError as e:
                 st.error(str(e))
         if st.button("Clear all picks", key="picks_clear"):
-            picks.clear()
+            ui.clear_picks()
             st.rerun()
 
 with tab_import:
@@ -155,19 +181,20 @@ if plan is None:
     st.stop()
 
 st.subheader("The plan")
-m = st.columns(4)
+m = st.columns(3)
 m[0].metric("Layers", f"{plan.model.num_layers} → {plan.n_layers_out}")
 m[1].metric("Removed", plan.n_removed)
 m[2].metric("Compression ratio", f"{100 * plan.compression_ratio:.1f} %")
-m[3].metric("Made by", st.session_state.get(ui.PLAN_ORIGIN, "?"))
 method = plan.method
+alpha_text = method.get("alpha") or "none (no merges)"
 st.caption(
-    f"planner **{method.get('planner', '?')}** · similarity {method.get('similarity', '–')} · "
-    f"α rule {method.get('alpha', '–')} · for {plan.model.source} ({plan.model.architecture})"
+    f"made by **{st.session_state.get(ui.PLAN_ORIGIN, '?')}** · planner "
+    f"**{method.get('planner', '?')}** · chosen by {method.get('similarity') or '–'} · α rule "
+    f"{alpha_text} · for {plan.model.source} ({plan.model.architecture})"
 )
 c1, c2 = st.columns([3, 2])
 with c1:
-    st.plotly_chart(ui.plan_figure(plan), key="plan_diagram", config={"displayModeBar": False})
+    st.plotly_chart(plan_figure(plan), key="plan_diagram", config={"displayModeBar": False})
 with c2:
     st.markdown("**Output layers**")
     st.table(ui.plan_table(plan), hide_index=True, border="horizontal")
@@ -183,7 +210,7 @@ c1.download_button(
     mime="application/json",
     key="dl_plan_json",
     type="primary",
-    help="Apply it later: python -m mka_core apply --plan FILE --out FOLDER",
+    help="Apply it later: python -m mka_core apply FILE --out FOLDER",
 )
 yaml_text, why = ui.mergekit_yaml(plan)
 if yaml_text is not None:

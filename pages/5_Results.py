@@ -1,10 +1,11 @@
-"""Results page: run the plan with progress, before/after numbers and text, the session's
-history of runs, and export of the compressed model."""
+"""Results page: run the plan with progress, before/after numbers and text, the history of runs
+in this workspace, and export of the compressed model."""
 
 import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
+from mka_core.figures import comparison_figure, history_figure
 
 ui.page_setup("Results", ":material/monitoring:")
 ui.explain(
@@ -12,8 +13,9 @@ ui.explain(
     "scores both on the same held-out text. **Perplexity**: how surprised the model is by the "
     "text (lower is better). **KL divergence** and **top-1 agreement**: how closely the "
     "compressed model's next-token predictions follow the original's — fidelity without labels. "
-    "**Size** and **speed** show what the compression saved. Every run is kept in the history "
-    "below, so planners and budgets can be compared."
+    "**Size** and **speed** show what the compression saved. The original is measured once and "
+    "reused by every later run with the same settings. Every run is kept in the history below "
+    "(and in the workspace), so planners and budgets can be compared."
 )
 loaded = ui.require_model()
 plan = st.session_state.get(ui.PLAN)
@@ -23,44 +25,16 @@ if plan is None and history.empty:
     ui.require_plan()  # points to the Plan page and stops
 
 if plan is not None:
-    defaults = ui.eval_defaults(loaded)
-    with st.form("run_form"):
-        st.markdown(
-            f"**Plan:** {plan.model.num_layers} → {plan.n_layers_out} layers "
-            f"({st.session_state.get(ui.PLAN_ORIGIN, '')})"
-        )
-        c1, c2, c3, c4 = st.columns(4)
-        budget = c1.number_input(
-            "Evaluation tokens",
-            256,
-            65536,
-            defaults["budget_tokens"],
-            step=256,
-            key="eval_budget",
-            help="The same held-out windows score both models (the built-in corpus's evaluation half).",
-        )
-        window = c2.number_input(
-            "Window (tokens)", 16, 4096, defaults["window"], step=16, key="eval_window"
-        )
-        with_speed = c3.checkbox(
-            "Measure speed",
-            defaults["with_speed"],
-            key="eval_speed",
-            help="Prefill and decode tokens/s of both models (takes a minute or two on a CPU).",
-        )
-        with_text = c4.checkbox("Sample generations", True, key="eval_generations")
-        run_it = st.form_submit_button("Run the plan", type="primary", key="run_plan")
+    st.markdown(
+        f"**Plan:** {plan.model.num_layers} → {plan.n_layers_out} layers "
+        f"({st.session_state.get(ui.PLAN_ORIGIN, '')})"
+    )
+    settings, run_it, _ = ui.eval_settings_form("", "Run the plan", "run_plan")
+    ui.estimate_caption(settings)
     if run_it:
         try:
             with ui.progress_status("Applying the plan and evaluating both models") as progress:
-                ui.run_plan(
-                    plan,
-                    budget,
-                    window,
-                    with_speed=with_speed,
-                    with_generations=with_text,
-                    progress=progress,
-                )
+                ui.run_plan(plan, settings, progress=progress)
         except MkaInputError as e:
             st.error(str(e))
 
@@ -72,21 +46,19 @@ if run is None:
 st.subheader(f"Before / after — {run.label}")
 ui.before_after_section(run)
 
-st.subheader("History of this session")
+st.subheader("History of this workspace")
 history = ui.history_frame()
 tab_params, tab_layers = st.tabs(["Perplexity vs parameters removed", "vs layers removed"])
 with tab_params:
     st.plotly_chart(
-        ui.comparison_figure(history), key="history_params_chart", config={"displayModeBar": False}
+        comparison_figure(history), key="history_params_chart", config={"displayModeBar": False}
     )
     st.caption(
         "Merges (Results) and TransAct prunes (TransAct page) on one axis: compare methods at "
         "equal parameter counts. Stars: healed runs, joined to the run they healed."
     )
 with tab_layers:
-    st.plotly_chart(
-        ui.history_figure(history), key="history_chart", config={"displayModeBar": False}
-    )
+    st.plotly_chart(history_figure(history), key="history_chart", config={"displayModeBar": False})
 st.dataframe(
     history,
     hide_index=True,
@@ -112,7 +84,7 @@ st.download_button(
 
 st.subheader("Export the compressed model")
 st.caption(
-    "A standard Hugging Face folder (safetensors, config, tokenizer) that plain transformers "
-    "loads, with plan.json and mka-run.json (every number above) beside it."
+    "A standard Hugging Face folder (safetensors shards, config, tokenizer) that plain "
+    "transformers loads, with plan.json and mka-run.json (every number above) beside it."
 )
 ui.export_section()

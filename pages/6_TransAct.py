@@ -6,6 +6,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
+from mka_core.figures import comparison_figure, heal_loss_figure, transact_figures
 
 ui.page_setup("TransAct", ":material/content_cut:")
 ui.explain(
@@ -36,7 +37,7 @@ mlp_keep = c1.slider(
     "MLP neurons to keep",
     0.05,
     1.0,
-    0.5,
+    0.9,
     step=0.05,
     key="ta_mlp_keep",
     help="Share of each layer's intermediate (MLP) neurons that stays.",
@@ -45,7 +46,7 @@ heads_keep = c2.slider(
     "Attention heads to keep",
     0.05,
     1.0,
-    0.5,
+    1.0,
     step=0.05,
     key="ta_heads_keep",
     help="Share of the query heads that stays, rounded up to a valid shape: the same number "
@@ -75,10 +76,9 @@ try:
 except MkaInputError as e:
     st.error(str(e))
 
-defaults = ui.eval_defaults(loaded)
-with st.form("transact_form"):
-    c1, c2, c3, c4, c5 = st.columns(5)
-    shots = c1.slider(
+
+def shots_input():
+    return st.slider(
         "Shots",
         1,
         8,
@@ -86,39 +86,20 @@ with st.form("transact_form"):
         key="ta_shots",
         help="Prune in this many steps on a linear ramp, re-scoring before each.",
     )
-    budget = c2.number_input(
-        "Evaluation tokens",
-        256,
-        65536,
-        defaults["budget_tokens"],
-        step=256,
-        key="ta_eval_budget",
-        help="The same held-out windows score both models (the built-in corpus's evaluation half).",
-    )
-    window = c3.number_input(
-        "Window (tokens)", 16, 4096, defaults["window"], step=16, key="ta_eval_window"
-    )
-    with_speed = c4.checkbox(
-        "Measure speed",
-        defaults["with_speed"],
-        key="ta_eval_speed",
-        help="Prefill and decode tokens/s of both models (a minute or two on a CPU).",
-    )
-    with_text = c5.checkbox("Sample generations", True, key="ta_eval_generations")
-    prune = st.form_submit_button("Prune and evaluate", type="primary", key="ta_run")
+
+
+settings, prune, shots = ui.eval_settings_form(
+    "ta_", "Prune and evaluate", "ta_run", extra=shots_input
+)
+warning = ui.transact_warning(mlp_keep, heads_keep, shots)
+if warning:
+    st.warning(warning, icon=":material/warning:")
+ui.estimate_caption(settings)
 if prune:
     try:
         with ui.progress_status("Scoring, pruning and evaluating both models") as progress:
             ui.run_transact(
-                mlp_keep,
-                heads_keep,
-                shots,
-                after_merge=after_merge,
-                budget_tokens=budget,
-                window=window,
-                with_speed=with_speed,
-                with_generations=with_text,
-                progress=progress,
+                mlp_keep, heads_keep, shots, settings, after_merge=after_merge, progress=progress
             )
     except MkaInputError as e:
         st.error(str(e))
@@ -136,7 +117,7 @@ else:
     m[3].metric("Pruning time", f"{rep.seconds:.1f} s", help=f"{len(rep.shots)} shot(s)")
     ui.before_after_section(run, key="ta_")
     st.markdown("**Unit scores** (the last scoring pass, before the final cut)")
-    mlp_fig, heads_fig, mass_fig = ui.transact_figures(rep)
+    mlp_fig, heads_fig, mass_fig = transact_figures(rep)
     c1, c2 = st.columns([3, 2])
     c1.plotly_chart(mlp_fig, key="ta_mlp_scores", config={"displayModeBar": False})
     c2.plotly_chart(heads_fig, key="ta_head_scores", config={"displayModeBar": False})
@@ -212,13 +193,13 @@ if healed is not None:
         f"Healed run {healed['from'] + 1} ({source.label}) into run {healed['run'] + 1}; the "
         f"original model's perplexity on the same text: {ui.fmt_num(run.original.perplexity)}."
     )
-    st.plotly_chart(ui.heal_loss_figure(rep), key="heal_loss", config={"displayModeBar": False})
+    st.plotly_chart(heal_loss_figure(rep), key="heal_loss", config={"displayModeBar": False})
 
 history = ui.history_frame()
 if not history.empty:
     st.subheader("Merging vs pruning at equal size")
     st.plotly_chart(
-        ui.comparison_figure(history), key="ta_comparison", config={"displayModeBar": False}
+        comparison_figure(history), key="ta_comparison", config={"displayModeBar": False}
     )
     st.caption(
         "Every run of this session. Compare methods at the same x: which loses less perplexity "

@@ -2,11 +2,13 @@
 
 import copy
 import os
+import tempfile
 
 import pytest
 
-# keep the tests' converted-model and tokenizer cache out of the user's home when asked to
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the app's workspaces go to a folder of this test run, never into the user's own
+os.environ["MKA_STUDIO_WORKSPACES"] = tempfile.mkdtemp(prefix="mka-test-workspaces-")
 
 
 @pytest.fixture(scope="session")

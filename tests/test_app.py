@@ -15,13 +15,15 @@ from mka_core import ui
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = {
-    "home": "app.py",
+    "home": "pages/0_Home.py",
     "model": "pages/1_Model.py",
     "similarity": "pages/2_Similarity.py",
     "manifold": "pages/3_Manifold.py",
     "plan": "pages/4_Plan.py",
     "results": "pages/5_Results.py",
     "transact": "pages/6_TransAct.py",
+    "importance": "pages/7_Importance.py",
+    "compare": "pages/8_Compare.py",
 }
 TIMEOUT = 120
 
@@ -42,7 +44,11 @@ def _ok(at) -> None:
 
 
 def _errors(at) -> list[str]:
-    return [e.value for e in at.error]
+    return [e.value for e in at.error if type(e).__name__ == "Error"]
+
+
+def _warnings(at) -> list[str]:
+    return [e.value for e in at.warning]
 
 
 def _go(at, page: str):
@@ -178,16 +184,48 @@ def test_similarity_happy_path_heatmaps_bi_and_downloads():
 def test_similarity_pair_selectors_feed_the_planner():
     at = _with_analysis()
     at.selectbox(key=ui.W_PAIR_A).set_value(2)
-    at.selectbox(key=ui.W_PAIR_B).set_value(4).run()
+    at.selectbox(key=ui.W_PAIR_B).set_value(3).run()
     _ok(at)
-    assert at.session_state[ui.PAIR] == (2, 4)
+    assert at.session_state[ui.PAIR] == (2, 3)
     at.button(key="add_pair_pick").click().run()
     _ok(at)
-    # a merge needs consecutive layers: the pair 2, 4 becomes the group 2..4
-    assert at.session_state[ui.PICKS] == [{"op": "merge", "layers": [2, 3, 4]}]
+    assert at.session_state[ui.PICKS] == [{"op": "merge", "layers": [2, 3]}]
+    assert "1 pick, no plan made yet" in " ".join(c.value for c in at.sidebar.caption)
     at.button(key="add_pair_pick").click().run()  # the same pick twice: a message, not a crash
     _ok(at)
     assert any("already in the list" in e for e in _errors(at))
+
+
+def test_a_non_adjacent_pair_asks_what_is_meant():
+    """Layers 2 and 4: a merge would take 2..4; the page asks first and adds only what is
+    chosen (formerly a silent 3-layer merge)."""
+    at = _with_analysis()
+    at.selectbox(key=ui.W_PAIR_A).set_value(2)
+    at.selectbox(key=ui.W_PAIR_B).set_value(4).run()
+    at.button(key="add_pair_pick").click().run()
+    _ok(at)
+    assert at.session_state[ui.PICKS] == []  # nothing yet
+    assert any("not neighbours" in m.value for m in at.markdown)
+    at.button(key="pending_look").click().run()
+    _ok(at)
+    assert at.session_state[ui.PICKS] == [] and ui.PENDING_PAIR not in at.session_state
+    at.button(key="add_pair_pick").click().run()
+    at.button(key="pending_drop").click().run()
+    _ok(at)
+    assert at.session_state[ui.PICKS] == [{"op": "drop", "layers": [2, 3, 4]}]
+    at.button(key="add_pair_pick").click().run()
+    at.button(key="pending_merge").click().run()
+    _ok(at)
+    assert at.session_state[ui.PICKS][-1] == {"op": "merge", "layers": [2, 3, 4]}
+
+
+def test_the_chosen_pair_is_kept_when_coming_back():
+    at = _with_analysis()
+    at.selectbox(key=ui.W_PAIR_A).set_value(1)
+    at.selectbox(key=ui.W_PAIR_B).set_value(2).run()
+    _go(at, "plan")
+    _go(at, "similarity")
+    assert at.selectbox(key=ui.W_PAIR_A).value == 1 and at.selectbox(key=ui.W_PAIR_B).value == 2
 
 
 def test_similarity_uploaded_text_is_used():
@@ -275,7 +313,7 @@ def test_plan_budget_makes_a_plan_that_the_cli_applies(tmp_path):
 
 def test_plan_too_large_budget_shows_error():
     at = _with_analysis("plan")
-    at.radio(key="plan_budget_kind").set_value("compression ratio")
+    at.radio(key="plan_budget_kind").set_value("compression ratio").run()
     at.slider(key="plan_ratio").set_value(0.95)
     at.button(key="plan_make").click().run()
     _ok(at)
@@ -372,7 +410,8 @@ def test_results_run_history_and_export(tmp_path):
     at.text_input(key="export_folder").input(str(busy))
     at.button(key="export_submit").click().run()
     _ok(at)
-    assert any("not empty" in e for e in _errors(at))
+    # the message names the page's own checkbox, not the command line's --overwrite
+    assert any("not empty" in e and "Replace the folder" in e for e in _errors(at)), _errors(at)
     out = tmp_path / "exported"
     at.text_input(key="export_folder").input(str(out))
     at.button(key="export_submit").click().run()
@@ -437,9 +476,10 @@ def test_transact_prune_then_heal_on_tiny():
     # the live preview: tiny:llama has intermediate 128 and 4 query heads over 2 KV heads
     shape = " ".join(m.value for m in at.markdown if "Resulting shape" in m.value)
     assert "intermediate 128 → 64, heads 4 → 2 (1 per KV group)" in shape
+    # half the neurons and half the heads: the page warns that this wrecks a model
+    assert any("known to wreck" in w for w in _warnings(at)), _warnings(at)
     _prune(at)
     assert not _errors(at), _errors(at)
-    assert not at.warning, [w.value for w in at.warning]
     row = at.session_state[ui.HISTORY][-1]
     assert row["kind"] == "transact" and row["layers"] == 6  # the layers all stay
     assert row["intermediate_size"] == 64 and row["n_heads"] == 2 and row["n_kv_heads"] == 2
@@ -498,7 +538,8 @@ def test_transact_after_a_merge():
     # the new run becomes the choice for healing and export (the merge was drawn there first)
     assert at.selectbox(key="heal_run").value == 1
     assert at.selectbox(key="ta_export_run").value == 1
-    assert at.text_input(key="ta_export_folder").value == "out/run-2"
+    folder = at.text_input(key="ta_export_folder").value
+    assert folder.endswith("/exports/run-2") and folder.startswith("/")  # in the workspace
     merge = at.session_state[ui.HISTORY][0]
     assert row["params_removed_pct"] > merge["params_removed_pct"]
 
@@ -514,3 +555,64 @@ def test_transact_bad_inputs_show_messages():
     _prune(at, after_merge=True)
     assert any("no merge to prune after" in e for e in _errors(at)), _errors(at)
     assert not at.session_state[ui.HISTORY]
+
+
+# ---------------------------------------------------------------------------------------------
+# workspaces, what matters, compare
+
+
+def test_a_new_session_resumes_the_workspace_from_the_url():
+    at = _with_plan("plan")
+    name = at.session_state[ui.WORKSPACE]
+    assert name and at.query_params.get("ws") in (name, [name])
+    from streamlit.testing.v1 import AppTest
+
+    again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    again.query_params["ws"] = name
+    again.run()
+    _ok(again)
+    assert again.session_state[ui.WORKSPACE] == name
+    assert again.session_state[ui.MODEL_SPEC].source == "tiny:llama"
+    assert again.session_state[ui.PLAN] == at.session_state[ui.PLAN]
+    restored = again.session_state[ui.ANALYSIS]
+    assert (
+        restored.activations.states.shape == at.session_state[ui.ANALYSIS].activations.states.shape
+    )
+    # nothing of this workspace leaks into a new one
+    again.button(key="home_new_ws").click().run()
+    _ok(again)
+    assert again.session_state[ui.WORKSPACE] != name
+    assert ui.PLAN not in again.session_state and ui.ANALYSIS not in again.session_state
+
+
+def test_what_matters_page_measures_the_damage():
+    at = _with_analysis("importance")
+    assert any("How far each measure" in h.value for h in at.subheader)
+    at.number_input(key="imp_samples").set_value(4)
+    at.button(key="imp_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    assert at.session_state[ui.ANALYSIS].importance is not None
+    assert any("Spearman" in m.label for m in at.metric)
+
+
+def test_compare_page_runs_a_small_sweep():
+    at = _with_analysis("compare")
+    at.multiselect(key="cmp_planners").set_value(["shortgpt", "mka"])
+    at.text_input(key="cmp_budgets").input("1")
+    at.number_input(key="cmp_eval").set_value(512)
+    at.number_input(key="cmp_window").set_value(128)
+    at.button(key="cmp_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    result = at.session_state[ui.COMPARE]
+    assert [r["config"] for r in result.rows] == [
+        "original",
+        "shortgpt -1",
+        "mka -1",
+        "transact -1",
+    ]
+    at.text_input(key="cmp_budgets").input("99")
+    at.button(key="cmp_run").click().run()
+    _ok(at)
+    assert any("budget" in e for e in _errors(at)), _errors(at)

@@ -37,6 +37,9 @@ pytestmark = [
 ]
 
 
+SERVER: dict = {}  # the running server's process (the stop test measures its CPU)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +89,7 @@ def server():
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"streamlit did not start (exit code {proc.poll()})")
             time.sleep(0.5)
+        SERVER["proc"] = proc
         yield url
     finally:
         proc.terminate()
@@ -124,7 +128,7 @@ def _goto(page, name: str) -> None:
     page.locator('[data-testid="stSidebarNav"]').get_by_role(
         "link", name=re.compile(rf"^{name}$", re.I)
     ).click()
-    page.wait_for_url(re.compile(rf"/{name}$", re.I))
+    page.wait_for_url(re.compile(rf"/{name}(\?.*)?$", re.I))
     _idle(page)
 
 
@@ -182,7 +186,15 @@ def test_click_through_tiny_model(page):
     _idle(page)
     # the caption under the layer selectors names the pair they now hold
     page.get_by_text("layer 1 vs 4").first.wait_for(timeout=60_000)
+    # layers 1 and 4 are not neighbours: the page asks what is meant instead of merging 1-4
+    page.get_by_text("Layers 1 and 4 are not neighbours").first.wait_for(timeout=60_000)
+    assert page.get_by_role("button", name="Merge all 4 layers 1–4 into one").is_visible()
     _shot(page, "2_similarity")
+    page.get_by_role("button", name="Only look (add nothing)").click()
+    _idle(page)
+    page.get_by_text("Layers 1 and 4 are not neighbours").wait_for(state="detached")
+    # beside every heatmap (the first "Stability:" on the page is inside the closed help expander)
+    assert page.get_by_text("Stability: adjacent-pair ranking").count() == 4
 
     _goto(page, "Manifold")
     page.get_by_text("Two layers side by side").wait_for()
@@ -207,12 +219,13 @@ def test_click_through_tiny_model(page):
     assert table.is_visible()
     assert "perplexity" in table.inner_text()
     assert page.locator('[data-testid="stDataFrame"]').first.is_visible()  # the history
-    assert page.get_by_text("History of this session").is_visible()
+    assert page.get_by_text("History of this workspace").is_visible()
     _shot(page, "5_results")
 
     _goto(page, "TransAct")
     page.get_by_text("Resulting shape").first.wait_for()
-    assert page.get_by_text("intermediate 128 → 64, heads 4 → 2").first.is_visible()
+    # the defaults keep the model usable: 90 % of the MLP neurons, every head
+    assert page.get_by_text("intermediate 128 → 115, heads 4 → 4").first.is_visible()
     page.get_by_role("button", name="Prune and evaluate").click()
     page.get_by_text("Before / after — transact", exact=False).first.wait_for(timeout=240_000)
     _idle(page)
@@ -230,3 +243,81 @@ def test_click_through_tiny_model(page):
     _no_exception(page)
     assert page.get_by_text("Training loss while healing").first.is_visible()
     _shot(page, "6_transact_healed")
+
+
+def test_a_reload_resumes_the_workspace(page):
+    """The work of the click-through survives a reload: the model, the analysis, the runs."""
+    assert "ws=" in page.url
+    page.reload()
+    page.get_by_text("Workspace").first.wait_for(timeout=60_000)
+    _idle(page)
+    _no_exception(page)
+    sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+    assert "tiny:llama" in sidebar and "samples" in sidebar and "run(s)" in sidebar, sidebar
+    _goto(page, "Results")
+    page.get_by_text("Before / after", exact=False).first.wait_for(timeout=60_000)
+    assert page.get_by_text("History of this workspace").is_visible()
+    _no_exception(page)
+    _goto(page, "Similarity")
+    page.get_by_text("Block Influence per layer").first.wait_for(timeout=60_000)  # no re-capture
+    _shot(page, "7_after_reload")
+
+
+def test_a_garbage_gguf_is_a_message(page, tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(os.urandom(65536))
+    _goto(page, "Model")
+    page.get_by_text("GGUF file", exact=True).click()
+    _idle(page)
+    page.get_by_role("textbox", name="GGUF file").fill(str(bad))
+    page.get_by_role("button", name="Load model").click()
+    page.get_by_text("not a GGUF file").first.wait_for(timeout=60_000)
+    _idle(page)
+    _no_exception(page)
+    _shot(page, "8_garbage_gguf")
+
+
+def _server_cpu(seconds: float = 3.0) -> float:
+    import psutil
+
+    proc = psutil.Process(SERVER["proc"].pid)
+    procs = [proc, *proc.children(recursive=True)]
+    for p in procs:
+        p.cpu_percent(None)
+    time.sleep(seconds)
+    return sum(p.cpu_percent(None) for p in procs)
+
+
+def _long_capture(page) -> None:
+    """Start a capture that takes a while (the bundled model, 256 samples x 128 tokens)."""
+    _goto(page, "Similarity")
+    page.get_by_role("spinbutton", name="Samples").fill("256")
+    page.get_by_role("spinbutton", name="Tokens per sample").fill("128")
+    page.get_by_role("button", name="Capture activations").click()
+    page.get_by_role("button", name="Stop").wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)
+    assert _server_cpu(2.0) > 60, "the capture should keep the cores busy"
+
+
+def test_stop_and_a_closed_session_free_the_cpu(page):
+    _goto(page, "Model")
+    page.get_by_text("Bundled SmolLM2-135M-Instruct").click()
+    _idle(page)
+    page.get_by_role("button", name="Load model").click()
+    # the sidebar names the model once it is loaded (the tiny one's card was already showing)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.get_by_text("smollm2", exact=False).first.wait_for(timeout=180_000)
+    _idle(page)
+    # Stop: the work ends at its next progress report and the page says so
+    _long_capture(page)
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("Stopped:", exact=False).first.wait_for(timeout=60_000)
+    _idle(page)
+    assert _server_cpu() < 40
+    _no_exception(page)
+    _shot(page, "9_stopped")
+    # a reload mid-run: the old session's work stops, no core stays busy for a page nobody sees
+    _long_capture(page)
+    page.reload()
+    page.wait_for_timeout(4000)
+    assert _server_cpu() < 40

@@ -57,11 +57,11 @@ def test_mka_plan_removing_six_layers_applies_generates_evaluates_exports(
 ):
     from transformers import AutoModelForCausalLM
 
-    from mka_core.pipeline import export_run, make_budget_plan, run_plan
+    from mka_core.pipeline import EvalSettings, export_run, make_budget_plan, run_plan
 
     plan = make_budget_plan(bundled, analysis, "mka", n_remove=6)
     assert plan.n_layers_out == 24 and plan.compression_ratio == pytest.approx(0.2)
-    run = run_plan(bundled, plan, budget_tokens=1024, window=512, with_speed=False)
+    run = run_plan(bundled, plan, EvalSettings(budget_tokens=1024, window=512, with_speed=False))
     assert run.compressed.n_layers == 24
     assert run.compressed.params < run.original.params
     assert math.isfinite(run.compressed.perplexity) and run.compressed.kl > 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mka_core.pipeline import analyze, make_budget_plan, run_plan, run_transact
+from mka_core.pipeline import EvalSettings, analyze, make_budget_plan, run_plan, run_transact
 
 
 @pytest.fixture(scope="module")
@@ -10,7 +10,11 @@ def analysis(tiny):
     return analyze(tiny, n_samples=24, max_tokens=32)
 
 
-EVAL = {"budget_tokens": 1024, "window": 256, "with_speed": False, "with_generations": False}
+EVAL = {
+    "settings": EvalSettings(
+        budget_tokens=1024, window=256, with_speed=False, with_generations=False
+    )
+}
 
 
 def test_runs_reuse_the_original_evaluation(tiny, analysis):

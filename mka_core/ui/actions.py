@@ -1,0 +1,596 @@
+"""The user's actions in the app, one function each, calling the library (`pipeline`, `compare`,
+`export`) and keeping the results in the session and its workspace: plans, runs of plans,
+TransAct, healing, exports and comparison sweeps."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import datetime
+from pathlib import Path
+
+import streamlit as st
+
+from ..errors import MkaInputError, ProgressFn
+from . import session
+from . import state as S
+from .resources import current_model, eval_defaults, model_summary, on_gpu
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+def planners() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from ..planners import ALPHA_RULES, PLANNERS
+
+    return PLANNERS, ALPHA_RULES
+
+
+def planner_help(name: str) -> str:
+    from ..planners import PLANNER_HELP
+
+    return PLANNER_HELP.get(name, "")
+
+
+ALPHA_HELP = {
+    "similarity": "α = NPIB of the pair (the paper)",
+    "rowmean": "α = sigmoid of the row means of S (the released code)",
+    "fixed": "α = the value you choose",
+    "search": "α in [0, 1] that minimises calibration loss (slower)",
+}
+
+
+def make_budget_plan(
+    planner: str,
+    n_remove: int | None = None,
+    ratio: float | None = None,
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    protect_first: bool = True,
+    protect_last: bool = True,
+    npib: str = "single",
+    progress: ProgressFn | None = None,
+):
+    from ..pipeline import make_budget_plan as _make
+
+    plan = _make(
+        current_model(),
+        st.session_state[S.ANALYSIS],
+        planner=planner,
+        n_remove=n_remove,
+        ratio=ratio,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        protect_first=protect_first,
+        protect_last=protect_last,
+        npib=npib,
+        progress=progress,
+    )
+    set_plan(plan, f"budget: {planner}")
+    return plan
+
+
+def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: float = 0.5):
+    from ..pipeline import make_manual_plan as _make
+
+    plan = _make(
+        current_model(),
+        st.session_state.get(S.ANALYSIS),
+        list(picks),
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+    )
+    set_plan(plan, "manual")
+    return plan
+
+
+def import_plan(uploaded) -> tuple[object, str | None]:
+    """A Plan from an uploaded JSON file, validated; plus a warning when it names another model."""
+    import json
+
+    from ..plan import Plan, check_fingerprint
+
+    if uploaded is None:
+        raise MkaInputError("no plan file uploaded")
+    raw = uploaded.getvalue()
+    if not raw.strip():
+        raise MkaInputError(f"{uploaded.name} is empty")
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MkaInputError(f"{uploaded.name} is not a text file; expected a plan JSON") from None
+    except json.JSONDecodeError as e:
+        raise MkaInputError(
+            f"{uploaded.name} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    try:
+        plan = Plan.from_dict(d)
+    except MkaInputError as e:
+        raise MkaInputError(f"{uploaded.name}: {e}") from None
+    loaded = current_model()
+    if plan.model.num_layers != loaded.n_layers:
+        raise MkaInputError(
+            f"{uploaded.name}: the plan is for a {plan.model.num_layers}-layer model "
+            f"({plan.model.source}), the loaded model has {loaded.n_layers} layers"
+        )
+    set_plan(plan, f"imported: {uploaded.name}")
+    return plan, check_fingerprint(plan, loaded)
+
+
+def set_plan(plan, origin: str) -> None:
+    st.session_state[S.PLAN] = plan
+    st.session_state[S.PLAN_ORIGIN] = origin
+    session.save_plan(plan)
+    S.sidebar_status()
+
+
+def mergekit_yaml(plan) -> tuple[str | None, str | None]:
+    """(yaml, None), or (None, why mergekit cannot express the plan)."""
+    from ..export import mergekit_yaml as _yaml
+
+    try:
+        return _yaml(plan), None
+    except MkaInputError as e:
+        return None, str(e)
+
+
+def plan_filename(plan, ext: str = "json") -> str:
+    src = plan.model.source.replace(":", "-").replace("/", "-")
+    return f"plan-{src}-{plan.method.get('planner', 'plan')}-{plan.n_layers_out}L.{ext}"
+
+
+# ---------------------------------------------------------------------------------------------
+# runs: the original's evaluation is measured once per settings and reused
+
+
+ORIGINAL_EVAL = "mka_original_eval"  # {settings key: [original EvalResult, reference cache]}
+
+
+def eval_settings(
+    budget_tokens, window, with_speed, with_generations, gen_tokens=None, eval_data="builtin"
+):
+    """The one object that says how runs are evaluated (pipeline.EvalSettings)."""
+    from ..pipeline import EvalSettings
+
+    loaded = current_model()
+    gen = gen_tokens or eval_defaults(loaded)["gen_tokens"]
+    return EvalSettings(
+        eval_data=eval_data,
+        budget_tokens=int(budget_tokens),
+        window=int(window),
+        with_speed=bool(with_speed),
+        with_generations=bool(with_generations),
+        gen_tokens=int(gen),
+    )
+
+
+def _original_reuse(loaded, settings) -> tuple:
+    """The original model's result and reference cache for these settings, if an earlier run
+    measured them: every later run then evaluates only the compressed model."""
+    key = (loaded.fingerprint, loaded.device, str(loaded.dtype), settings.key())
+    store = st.session_state.setdefault(ORIGINAL_EVAL, {})
+    if key not in store:
+        store.clear()  # one original at a time
+        store[key] = [None, {}]
+    return key, store[key]
+
+
+def _remember_original(key, run) -> None:
+    entry = st.session_state.get(ORIGINAL_EVAL, {}).get(key)
+    if entry is not None and entry[0] is None:
+        entry[0] = run.original
+
+
+def estimate_seconds(settings) -> float | None:
+    """A rough wall time of a run on this machine: the last run with the same evaluation size
+    (less when the original is already measured for these settings); None before there is one."""
+    rows = [
+        r
+        for r in st.session_state.get(S.HISTORY) or []
+        if r.get("eval_tokens") == settings.budget_tokens and r.get("seconds") is not None
+    ]
+    if not rows:
+        return None
+    original_known = _original_reuse(current_model(), settings)[1][0] is not None
+    return float(rows[-1]["seconds"]) * (0.6 if original_known else 1.0)
+
+
+def run_plan(plan, settings, progress: ProgressFn | None = None):
+    """Apply the plan to a copy of the original, evaluate both, and record the run."""
+    from ..pipeline import run_plan as _run
+
+    loaded = current_model()
+    key, (original, cache) = _original_reuse(loaded, settings)
+    run = _run(loaded, plan, settings, original=original, reference_cache=cache, progress=progress)
+    _remember_original(key, run)
+    record_run(run, {"eval_tokens": settings.budget_tokens, "window": settings.window})
+    return run
+
+
+def record_run(run, extra: dict | None = None, report=None, kind: str | None = None) -> int:
+    """Add a run (MKA, TransAct, healed, …) to the history and the workspace; its index.
+
+    Only the newest KEEP_MODELS runs keep their compressed model in memory (for export); older
+    ones keep their numbers."""
+    runs = st.session_state.setdefault(S.RUNS, [])
+    history = st.session_state.setdefault(S.HISTORY, [])
+    runs.append(run)
+    for old in runs[: -S.KEEP_MODELS]:
+        old.model = None
+    row = {"run": len(runs), "time": datetime.now().strftime("%H:%M:%S")}
+    row.update(run.to_row())
+    row["model"] = run.source
+    row.update(extra or {})
+    history.append(row)
+    session.save_run(len(runs) - 1, run, report, kind)
+    S.sidebar_status()
+    return len(runs) - 1
+
+
+def latest_run():
+    runs = st.session_state.get(S.RUNS) or []
+    return runs[-1] if runs else None
+
+
+def history_frame():
+    from ..tables import history_frame as _frame
+
+    return _frame(st.session_state.get(S.HISTORY) or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+OUT_DTYPES = {"the source's": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def default_export_folder(run_index: int) -> str:
+    """The workspace's exports folder for a run, as a full path."""
+    return str((session.exports_dir() / f"run-{run_index + 1}").resolve())
+
+
+def resolve_folder(text: str) -> Path:
+    """A typed folder as the full path the server will write (relative paths start in the
+    workspace's exports folder, not wherever the server happens to run)."""
+    if not text or not text.strip():
+        raise MkaInputError("output folder is empty; type a folder path")
+    p = Path(text.strip()).expanduser()
+    return (p if p.is_absolute() else session.exports_dir() / p).resolve()
+
+
+def export_run(
+    run_index: int,
+    out_dir: str,
+    overwrite: bool = False,
+    out_dtype: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
+    from ..pipeline import export_run as _export
+
+    out = resolve_folder(out_dir)
+    runs = st.session_state.get(S.RUNS) or []
+    if not 0 <= run_index < len(runs):
+        raise MkaInputError(f"run {run_index + 1} does not exist")
+    run = runs[run_index]
+    if run.model is None:
+        raise MkaInputError(
+            f"run {run_index + 1}'s compressed model is not in memory (only the last "
+            f"{S.KEEP_MODELS} are kept, and none after a restart): run its plan again to export it"
+        )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MkaInputError(
+            f"{out} exists and is not empty: choose another folder, or tick "
+            f"“Replace the folder if it exists”"
+        )
+    spec = st.session_state.get(S.MODEL_SPEC)
+    loaded = current_model()
+    if out_dtype is None and loaded is not None:
+        out_dtype = loaded.source_dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = _export(
+        run,
+        out,
+        overwrite=overwrite,
+        loaded_from=spec.source if spec else None,
+        out_dtype=out_dtype,
+        progress=progress,
+    )
+    st.session_state.setdefault(S.EXPORTS, {})[run_index] = str(path)
+    session.save()
+    return path
+
+
+def folder_zip(folder: str | Path) -> bytes | None:
+    """A zip of an exported model folder, or None when it is larger than ZIP_LIMIT."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
+    if sum(f.stat().st_size for f in files) > S.ZIP_LIMIT:
+        return None
+    return _zip_folder(str(folder), max(f.stat().st_mtime for f in files) if files else 0.0)
+
+
+@st.cache_data(show_spinner="Zipping…", max_entries=2)
+def _zip_folder(folder: str, mtime: float) -> bytes:
+    root = Path(folder)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                zf.write(f, f"{root.name}/{f.relative_to(root)}")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# TransAct and healing
+
+
+def _model_of(run_index: int | None):
+    """The module to prune (a run's compressed model, or the session's original) and its params."""
+    if run_index is None:
+        loaded = current_model()
+        return loaded.model, model_summary(loaded).n_params
+    run = st.session_state[S.RUNS][run_index]
+    return run.model, run.compressed.params
+
+
+def transact_preview(mlp_keep: float, heads_keep: float, base_index: int | None = None) -> dict:
+    """The shape a TransAct prune would give, without pruning: the kept intermediate size and
+    query heads (rounded the way `transact.prune` rounds), and about how many parameters go."""
+    from ..transact import target_shape
+
+    model, params_start = _model_of(base_index)
+    t = target_shape(model, float(mlp_keep), float(heads_keep))
+    cfg = model.config
+    d = int(cfg.hidden_size)
+    n_layers = int(cfg.num_hidden_layers)
+    (inter0, inter), (h0, h), (kv0, g) = t["intermediate"], t["n_heads"], t["n_kv_heads"]
+    p = t["per_group"]
+    hd = t["head_dim"]
+    # gate/up/down lose 3·d weights per neuron; q/o lose 2·d·head_dim per query head, k/v the
+    # same per KV head (biases, where a model has any, are a rounding error here)
+    per_layer = lambda i, h, kv: 3 * d * i + 2 * d * hd * (h + kv)  # noqa: E731
+    removed = n_layers * (per_layer(inter0, h0, kv0) - per_layer(inter, g * p, g))
+    original = model_summary(current_model()).n_params
+    heads = (
+        f"heads {h0} → {h} ({p} per KV group)"
+        if g == kv0
+        else f"heads {h0} → {h} (whole KV groups go: {g} of {kv0} left, 1 head each)"
+    )
+    return {
+        "text": f"intermediate {inter0} → {inter}, {heads}",
+        "intermediate": (inter0, inter),
+        "n_heads": (h0, h),
+        "n_kv_heads": (kv0, g),
+        "params_removed_pct": 100.0 * (original - (params_start - removed)) / original,
+        "layers_equivalent": removed / per_layer(inter0, h0, kv0),
+    }
+
+
+def latest_merge_index() -> int | None:
+    """The newest merge run (healed or not) of the current model whose model is still in memory:
+    the base for "TransAct after the current merge"."""
+    for i in reversed(heal_candidates()):
+        run = st.session_state[S.RUNS][i]
+        if run.plan is not None and "transact" not in run.kind:
+            return i
+    return None
+
+
+def heal_candidates() -> list[int]:
+    """Indices of the runs that can be healed (or pruned further): their compressed model is
+    still in memory and was made from the model loaded now (the calibration text is its)."""
+    loaded = current_model()
+    runs = st.session_state.get(S.RUNS) or []
+    return [
+        i
+        for i, run in enumerate(runs)
+        if run.model is not None and loaded is not None and run.source == loaded.source
+    ]
+
+
+def _analysis_batch():
+    analysis = st.session_state.get(S.ANALYSIS)
+    if current_model() is None or analysis is None:
+        raise MkaInputError(
+            "no calibration batch: capture activations on the Similarity page first"
+        )
+    return analysis.batch
+
+
+# TransAct settings the benchmark measured as destructive on the bundled model (BENCHMARKS.md):
+# keeping half the MLP neurons and half the heads in one shot took perplexity from ~15 to ~11 000
+DESTRUCTIVE = {"mlp_keep": 0.7, "heads_keep": 0.75}
+
+
+def transact_warning(mlp_keep: float, heads_keep: float, shots: int) -> str | None:
+    """A plain warning for settings known to wreck a model, None otherwise."""
+    bad = []
+    if mlp_keep < DESTRUCTIVE["mlp_keep"]:
+        bad.append(f"keeping {mlp_keep:.0%} of the MLP neurons")
+    if heads_keep < DESTRUCTIVE["heads_keep"]:
+        bad.append(f"keeping {heads_keep:.0%} of the heads")
+    if not bad:
+        return None
+    shot_note = " in one shot" if shots == 1 else ""
+    return (
+        f"{' and '.join(bad).capitalize()}{shot_note} is known to wreck a small model: on the "
+        "bundled SmolLM2-135M, 50 % of both in one shot took the perplexity from about 15 to "
+        "over 11 000 (gibberish). Healing recovers part of it; 80–90 % of the neurons and all "
+        "heads keep the model usable."
+    )
+
+
+def run_transact(
+    mlp_keep: float,
+    heads_keep: float,
+    shots: int,
+    settings,
+    after_merge: bool = False,
+    progress: ProgressFn | None = None,
+):
+    """Prune the original (or the newest merge) on the analysis's calibration batch, evaluate it
+    against the original and record the run; returns (run, TransActReport)."""
+    from ..pipeline import run_transact as _run
+
+    batch = _analysis_batch()
+    base_index = None
+    if after_merge:
+        base_index = latest_merge_index()
+        if base_index is None:
+            raise MkaInputError(
+                "no merge to prune after: run a plan on the Results page first (its model must "
+                "still be in memory), or untick 'TransAct after the current merge'"
+            )
+    runs = st.session_state[S.RUNS]
+    loaded = current_model()
+    key, (original, cache) = _original_reuse(loaded, settings)
+    run, rep = _run(
+        loaded,
+        batch,
+        mlp_keep=float(mlp_keep),
+        heads_keep=float(heads_keep),
+        shots=int(shots),
+        base=runs[base_index] if base_index is not None else None,
+        settings=settings,
+        original=original,
+        reference_cache=cache,
+        progress=progress,
+    )
+    _remember_original(key, run)
+    extra = {
+        "eval_tokens": settings.budget_tokens,
+        "window": settings.window,
+        "mlp_keep": float(mlp_keep),
+        "heads_keep": float(heads_keep),
+        "shots": int(shots),
+        "intermediate_size": rep.new_intermediate_size,
+        "n_heads": rep.new_n_heads,
+        "n_kv_heads": rep.new_n_kv_heads,
+        "base_run": base_index + 1 if base_index is not None else None,
+    }
+    index = record_run(run, extra, report=rep, kind="transact")
+    st.session_state[S.TRANSACT] = {"run": index, "report": rep}
+    session.save()
+    return run, rep
+
+
+def heal_defaults(loaded) -> dict:
+    """Heal defaults: 30 steps on a CPU (each AdamW step of a 135M model takes seconds there),
+    100 on a GPU; learning rate 1e-4."""
+    return {"steps": 100 if on_gpu(loaded) else 30, "lr": 1e-4}
+
+
+HEAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
+
+
+def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn | None = None):
+    """Fine-tune a run's compressed model on the calibration batch, evaluate it the way its
+    source run was evaluated (so perplexity before → after compares like with like), record it.
+    Returns (healed run, HealReport)."""
+    from ..pipeline import run_heal as _heal
+
+    batch = _analysis_batch()
+    if run_index is None:
+        raise MkaInputError(
+            "no compressed model in memory to heal: prune one above, or run a plan on the "
+            "Results page first"
+        )
+    if run_index not in heal_candidates():
+        raise MkaInputError(
+            f"run {run_index + 1} cannot be healed: its model is no longer in memory (only the "
+            f"last {S.KEEP_MODELS} are kept) or was made from another model"
+        )
+    run = st.session_state[S.RUNS][run_index]
+    row = st.session_state[S.HISTORY][run_index]
+    loaded = current_model()
+    defaults = eval_defaults(loaded)
+    settings = eval_settings(
+        row.get("eval_tokens") or defaults["budget_tokens"],
+        row.get("window") or defaults["window"],
+        run.compressed.decode_tps is not None,
+        bool(run.compressed.generations),
+    )
+    key, (original, cache) = _original_reuse(loaded, settings)
+    healed, rep = _heal(
+        loaded,
+        run,
+        batch,
+        steps=int(steps),
+        lr=float(lr),
+        settings=settings,
+        original=original,
+        reference_cache=cache,
+        progress=progress,
+    )
+    _remember_original(key, healed)
+    extra = {k: row[k] for k in ("eval_tokens", "window") if k in row}
+    extra.update(healed_from=run_index + 1, heal_steps=int(steps), heal_lr=float(lr))
+    index = record_run(healed, extra, report=rep, kind="heal")
+    st.session_state[S.HEAL] = {"run": index, "from": run_index, "report": rep}
+    session.save()
+    return healed, rep
+
+
+# ---------------------------------------------------------------------------------------------
+# what really matters
+
+
+def importance_defaults(loaded) -> dict:
+    """Samples for the measured importance: 32 on a GPU, 8 on a CPU (each of the 2L - 1
+    candidates runs the blocks above its change and the LM head on them)."""
+    return {"n_samples": 32 if on_gpu(loaded) else 8}
+
+
+def measure_importance(n_samples: int, alpha_rule: str = "similarity", progress=None):
+    """Drop-one and merge-one loss of the session's model, kept with its analysis."""
+    from ..importance import measure_importance as _measure
+
+    analysis = st.session_state.get(S.ANALYSIS)
+    if analysis is None:
+        raise MkaInputError("capture activations on the Similarity page first")
+    imp = _measure(
+        current_model(),
+        analysis.batch,
+        analysis.similarity,
+        alpha_rule=alpha_rule,
+        n_samples=min(int(n_samples), analysis.batch.n_samples),
+        progress=progress,
+    )
+    analysis.importance = imp
+    session.save_analysis(analysis)
+    return imp
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+def run_compare(
+    planners_spec, budgets, transact: bool, settings, progress: ProgressFn | None = None
+):
+    """The compare sweep on the session's analysis and model, kept in the session."""
+    from ..compare import compare_sweep
+
+    analysis = st.session_state.get(S.ANALYSIS)
+    if analysis is None:
+        raise MkaInputError("capture activations on the Similarity page first")
+    result = compare_sweep(
+        current_model(),
+        analysis,
+        planners_spec,
+        budgets,
+        transact=transact,
+        eval_budget=settings.budget_tokens,
+        eval_window=settings.window,
+        progress=progress,
+    )
+    st.session_state[S.COMPARE] = result
+    return result
+
+
+def compare_csv() -> str | None:
+    result = st.session_state.get(S.COMPARE)
+    return result.csv() if result is not None else None
