@@ -10,7 +10,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -351,18 +350,12 @@ class Measure:
 
 
 def write_atomic(path: Path, data: str | bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """The product's atomic writer (a temporary file in the same folder, then a rename)."""
+    from mka_core.files import write_bytes_atomic
+
+    return write_bytes_atomic(
+        path, data.encode("utf-8") if isinstance(data, str) else data, overwrite=True
+    )
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:

@@ -300,40 +300,18 @@ def _quality_figures(figs: Figures, rows: list[dict], budgets: list[int], fixed_
         a2.legend(fontsize=7)
         figs.save(fig, "quality_size_speed", "What it saves: parameters and decode speed")
 
+    # the interactive figure is the product's own (`mka_core.figures.compare_figure`): the same
+    # one `python -m mka_core compare` writes and the app's Compare page shows
     try:
-        import plotly.graph_objects as go
+        from mka_core.figures import compare_figure
     except ImportError:
         return
-    fig = go.Figure()
-    for lab in labels:
-        pts = sorted((n, r) for (n, h), r in series[lab].items() if not h)
-        if orig is not None:
-            pts = [(0, orig)] + pts
-        fig.add_trace(
-            go.Scatter(
-                x=[n for n, _ in pts],
-                y=[r["perplexity"] for _, r in pts],
-                mode="lines+markers",
-                name=lab,
-                customdata=[[r["kl"], r["top1"], r["params"]] for _, r in pts],
-                hovertemplate="%{x} removed: ppl %{y:.2f}<br>KL %{customdata[0]:.4f}, "
-                "top-1 %{customdata[1]:.3f}<br>%{customdata[2]:,} params",
-            )
-        )
-        hp = sorted((n, r) for (n, h), r in series[lab].items() if h)
-        if hp:
-            fig.add_trace(
-                go.Scatter(
-                    x=[n for n, _ in hp],
-                    y=[r["perplexity"] for _, r in hp],
-                    mode="markers",
-                    marker=dict(symbol="star", size=13),
-                    name=f"{lab} healed",
-                )
-            )
-    fig.update_yaxes(type="log", title="perplexity")
-    fig.update_xaxes(title="layers removed")
-    figs.add_html(fig, "Perplexity by method and budget")
+    cmp_rows = [
+        {**r, "planner": r["method"], "option": r.get("alpha_rule")}
+        for r in rows
+        if r.get("perplexity") is not None
+    ]
+    figs.add_html(compare_figure(cmp_rows), "Perplexity, KL and top-1 by method and budget")
 
 
 def _cost_figures(figs: Figures, cost: list[dict], layers: list[dict]) -> dict:
@@ -872,6 +850,19 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
             "|---|---:|---:|",
         ]
         L += [f"| {k} | {v:.3f} | {c} |" for k, v, c in app_summary]
+        runs = a.get("run_plan_s") or {}
+        if runs:
+            target = a.get("run_plan_target_s", 30)
+            worst = max(runs.values())
+            L += [
+                "",
+                "**Run the plan at the app's own defaults** (Results page, CPU defaults: "
+                "1024 evaluation tokens, no speed timing, two-model sample generations of 16 "
+                "tokens): "
+                + ", ".join(f"{k.split('(')[-1].rstrip(')')} {v:.1f} s" for k, v in runs.items())
+                + f" — target ≤ {target} s: "
+                + ("met." if worst <= target else f"missed by {worst - target:.1f} s."),
+            ]
         exc = [r for r in app if r.get("exception")]
         if exc:
             L += ["", f"**{len(exc)} render(s) raised an exception**: {exc[0]['exception']}"]

@@ -142,6 +142,9 @@ def truth_section(out: Path, quality: list[dict]) -> list[str]:
 
 
 def _targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, read off the quality rows: the best layer-removal planner against
+    ShortGPT (≤ 0.8×) and against the planners the product had before (≤ the best of them),
+    mka-loss against sleb, and TransAct at the same parameters for reference."""
     plain = [r for r in rows if not r.get("healed") and r.get("perplexity")]
     budgets = sorted({r["layers_removed"] for r in plain if r["layers_removed"]})
     old = {"mka", "mka-tail", "shortgpt", "angular", "laco"}
@@ -156,17 +159,21 @@ def _targets(rows: list[dict]) -> list[str]:
         bp = min(prev, key=lambda r: r["perplexity"]) if prev else None
         sleb = next((r for r in at if r["method"] == "sleb"), None)
         ml = next((r for r in at if r["method"] == "mka-loss"), None)
-        s = f"- **{b} layers**: best `{_lab(best)}` at {best['perplexity']:.2f}"
+        ta = next(
+            (r for r in plain if r["layers_removed"] == b and r["method"] == "transact"), None
+        )
+        s = f"- **{b} layers removed**: the best layer-removal plan is `{_lab(best)}` at {best['perplexity']:.2f}"
         if sg:
             ratio = best["perplexity"] / sg["perplexity"]
             s += (
-                f" = {ratio:.2f}× ShortGPT's {sg['perplexity']:.2f} (target ≤ 0.8×: "
-                f"{'met' if ratio <= 0.8 else 'missed'})"
+                f", {ratio:.2f}× ShortGPT's {sg['perplexity']:.2f} (target ≤ 0.8×: "
+                f"{'met' if ratio <= 0.8 else f'missed, {ratio / 0.8:.2f}× the target'})"
             )
         if bp:
+            ok = best["perplexity"] <= bp["perplexity"]
             s += (
                 f"; the best of the earlier planners is `{_lab(bp)}` at {bp['perplexity']:.2f} "
-                f"({'met' if best['perplexity'] <= bp['perplexity'] else 'missed'})"
+                f"(≤ it: {'met' if ok else 'missed'})"
             )
         if sleb and ml:
             verdict = (
@@ -177,6 +184,11 @@ def _targets(rows: list[dict]) -> list[str]:
             s += (
                 f"; mka-loss {ml['perplexity']:.2f} vs sleb {sleb['perplexity']:.2f} at equal "
                 f"parameters: {verdict}"
+            )
+        if ta and sg:
+            s += (
+                f". TransAct at the same parameter count: {ta['perplexity']:.2f}, "
+                f"{ta['perplexity'] / sg['perplexity']:.2f}× ShortGPT's"
             )
         L.append(s + ".")
     L.append("")
