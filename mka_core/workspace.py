@@ -53,7 +53,19 @@ def check_name(name: str) -> str:
 
 
 def new_name() -> str:
-    return datetime.now().strftime("ws-%Y%m%d-%H%M%S")
+    """A fresh workspace's name: the time, and a suffix when another workspace took that second
+    (two sessions starting at once must not share one). The folder is claimed by mkdir, so two
+    processes cannot both get it."""
+    stem = datetime.now().strftime("ws-%Y%m%d-%H%M%S")
+    root().mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        name = stem if i == 1 else f"{stem}-{i}"
+        try:
+            (root() / name).mkdir()
+        except FileExistsError:
+            continue
+        return name
+    raise MkaInputError(f"could not find a free workspace name under {root()}")
 
 
 def list_workspaces() -> list[dict]:

@@ -3,7 +3,9 @@
 - `state`: session-state keys, page scaffolding, guards, progress that can be stopped;
 - `session`: the workspace on disk that keeps a user's work across reloads and restarts;
 - `resources`: cached models and analyses, calibration data, projections;
-- `actions`: plans, runs, TransAct, healing, exports and sweeps;
+- `plans`: making, importing and keeping plans;
+- `actions`: runs, TransAct, healing, importance and sweeps;
+- `exports`: a run's model written as a folder, and its zip;
 - `widgets`: pair picking, the evaluation form, before/after and export sections.
 
 Figures are plain functions in `mka_core.figures` and tables in `mka_core.tables` (no Streamlit).
@@ -13,36 +15,40 @@ Pages use this package through the names below.
 from ..figures import MEASURE_NAMES, PROJECTION_NAMES
 from ..tables import fmt_mb, fmt_num, fmt_params, fmt_pct, plan_table, steps_table
 from .actions import (
-    ALPHA_HELP,
     HEAL_LRS,
-    OUT_DTYPES,
     compare_csv,
-    default_export_folder,
     eval_settings,
-    export_run,
-    folder_zip,
     heal_candidates,
     heal_defaults,
     history_frame,
-    import_plan,
     importance_defaults,
     latest_merge_index,
     latest_run,
-    make_budget_plan,
-    make_manual_plan,
     measure_importance,
-    mergekit_yaml,
-    plan_filename,
-    planner_help,
-    planners,
     record_run,
     run_compare,
     run_heal,
     run_plan,
     run_transact,
-    set_plan,
     transact_preview,
     transact_warning,
+)
+from .exports import (
+    OUT_DTYPES,
+    default_export_folder,
+    export_run,
+    folder_zip,
+)
+from .plans import (
+    ALPHA_HELP,
+    import_plan,
+    make_budget_plan,
+    make_manual_plan,
+    mergekit_yaml,
+    plan_filename,
+    planner_help,
+    planners,
+    set_plan,
 )
 from .resources import (
     align_signs,

@@ -1,13 +1,10 @@
-"""The user's actions in the app, one function each, calling the library (`pipeline`, `compare`,
-`export`) and keeping the results in the session and its workspace: plans, runs of plans,
-TransAct, healing, exports and comparison sweeps."""
+"""The user's actions in the app, one function each, calling the library (`pipeline`, `compare`)
+and keeping the results in the session and its workspace: runs of plans, TransAct, healing,
+measured importance and comparison sweeps (plans are in `plans`, exports in `exports`)."""
 
 from __future__ import annotations
 
-import io
-import zipfile
 from datetime import datetime
-from pathlib import Path
 
 import streamlit as st
 
@@ -15,129 +12,6 @@ from ..errors import MkaInputError, ProgressFn
 from . import session
 from . import state as S
 from .resources import current_model, eval_defaults, model_summary, on_gpu
-
-# ---------------------------------------------------------------------------------------------
-# plans
-
-
-def planners() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from ..planners import ALPHA_RULES, PLANNERS
-
-    return PLANNERS, ALPHA_RULES
-
-
-def planner_help(name: str) -> str:
-    from ..planners import PLANNER_HELP
-
-    return PLANNER_HELP.get(name, "")
-
-
-ALPHA_HELP = {
-    "similarity": "α = NPIB of the pair (the paper)",
-    "rowmean": "α = sigmoid of the row means of S (the released code)",
-    "fixed": "α = the value you choose",
-    "search": "α in [0, 1] that minimises calibration loss (slower)",
-}
-
-
-def make_budget_plan(
-    planner: str,
-    n_remove: int | None = None,
-    ratio: float | None = None,
-    alpha_rule: str = "similarity",
-    alpha: float = 0.5,
-    protect_first: bool = True,
-    protect_last: bool = True,
-    npib: str = "single",
-    progress: ProgressFn | None = None,
-):
-    from ..pipeline import make_budget_plan as _make
-
-    plan = _make(
-        current_model(),
-        st.session_state[S.ANALYSIS],
-        planner=planner,
-        n_remove=n_remove,
-        ratio=ratio,
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-        protect_first=protect_first,
-        protect_last=protect_last,
-        npib=npib,
-        progress=progress,
-    )
-    set_plan(plan, f"budget: {planner}")
-    return plan
-
-
-def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: float = 0.5):
-    from ..pipeline import make_manual_plan as _make
-
-    plan = _make(
-        current_model(),
-        st.session_state.get(S.ANALYSIS),
-        list(picks),
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-    )
-    set_plan(plan, "manual")
-    return plan
-
-
-def import_plan(uploaded) -> tuple[object, str | None]:
-    """A Plan from an uploaded JSON file, validated; plus a warning when it names another model."""
-    import json
-
-    from ..plan import Plan, check_fingerprint
-
-    if uploaded is None:
-        raise MkaInputError("no plan file uploaded")
-    raw = uploaded.getvalue()
-    if not raw.strip():
-        raise MkaInputError(f"{uploaded.name} is empty")
-    try:
-        d = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise MkaInputError(f"{uploaded.name} is not a text file; expected a plan JSON") from None
-    except json.JSONDecodeError as e:
-        raise MkaInputError(
-            f"{uploaded.name} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
-        ) from None
-    try:
-        plan = Plan.from_dict(d)
-    except MkaInputError as e:
-        raise MkaInputError(f"{uploaded.name}: {e}") from None
-    loaded = current_model()
-    if plan.model.num_layers != loaded.n_layers:
-        raise MkaInputError(
-            f"{uploaded.name}: the plan is for a {plan.model.num_layers}-layer model "
-            f"({plan.model.source}), the loaded model has {loaded.n_layers} layers"
-        )
-    set_plan(plan, f"imported: {uploaded.name}")
-    return plan, check_fingerprint(plan, loaded)
-
-
-def set_plan(plan, origin: str) -> None:
-    st.session_state[S.PLAN] = plan
-    st.session_state[S.PLAN_ORIGIN] = origin
-    session.save_plan(plan)
-    S.sidebar_status()
-
-
-def mergekit_yaml(plan) -> tuple[str | None, str | None]:
-    """(yaml, None), or (None, why mergekit cannot express the plan)."""
-    from ..export import mergekit_yaml as _yaml
-
-    try:
-        return _yaml(plan), None
-    except MkaInputError as e:
-        return None, str(e)
-
-
-def plan_filename(plan, ext: str = "json") -> str:
-    src = plan.model.source.replace(":", "-").replace("/", "-")
-    return f"plan-{src}-{plan.method.get('planner', 'plan')}-{plan.n_layers_out}L.{ext}"
-
 
 # ---------------------------------------------------------------------------------------------
 # runs: the original's evaluation is measured once per settings and reused
@@ -236,91 +110,6 @@ def history_frame():
     from ..tables import history_frame as _frame
 
     return _frame(st.session_state.get(S.HISTORY) or [])
-
-
-# ---------------------------------------------------------------------------------------------
-# export
-
-
-OUT_DTYPES = {"the source's": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-
-
-def default_export_folder(run_index: int) -> str:
-    """The workspace's exports folder for a run, as a full path."""
-    return str((session.exports_dir() / f"run-{run_index + 1}").resolve())
-
-
-def resolve_folder(text: str) -> Path:
-    """A typed folder as the full path the server will write (relative paths start in the
-    workspace's exports folder, not wherever the server happens to run)."""
-    if not text or not text.strip():
-        raise MkaInputError("output folder is empty; type a folder path")
-    p = Path(text.strip()).expanduser()
-    return (p if p.is_absolute() else session.exports_dir() / p).resolve()
-
-
-def export_run(
-    run_index: int,
-    out_dir: str,
-    overwrite: bool = False,
-    out_dtype: str | None = None,
-    progress: ProgressFn | None = None,
-) -> Path:
-    from ..pipeline import export_run as _export
-
-    out = resolve_folder(out_dir)
-    runs = st.session_state.get(S.RUNS) or []
-    if not 0 <= run_index < len(runs):
-        raise MkaInputError(f"run {run_index + 1} does not exist")
-    run = runs[run_index]
-    if run.model is None:
-        raise MkaInputError(
-            f"run {run_index + 1}'s compressed model is not in memory (only the last "
-            f"{S.KEEP_MODELS} are kept, and none after a restart): run its plan again to export it"
-        )
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MkaInputError(
-            f"{out} exists and is not empty: choose another folder, or tick "
-            f"“Replace the folder if it exists”"
-        )
-    spec = st.session_state.get(S.MODEL_SPEC)
-    loaded = current_model()
-    if out_dtype is None and loaded is not None:
-        out_dtype = loaded.source_dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = _export(
-        run,
-        out,
-        overwrite=overwrite,
-        loaded_from=spec.source if spec else None,
-        out_dtype=out_dtype,
-        progress=progress,
-    )
-    st.session_state.setdefault(S.EXPORTS, {})[run_index] = str(path)
-    session.save()
-    return path
-
-
-def folder_zip(folder: str | Path) -> bytes | None:
-    """A zip of an exported model folder, or None when it is larger than ZIP_LIMIT."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
-    if sum(f.stat().st_size for f in files) > S.ZIP_LIMIT:
-        return None
-    return _zip_folder(str(folder), max(f.stat().st_mtime for f in files) if files else 0.0)
-
-
-@st.cache_data(show_spinner="Zipping…", max_entries=2)
-def _zip_folder(folder: str, mtime: float) -> bytes:
-    root = Path(folder)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                zf.write(f, f"{root.name}/{f.relative_to(root)}")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

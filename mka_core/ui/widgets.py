@@ -7,7 +7,7 @@ import streamlit as st
 
 from ..errors import MkaInputError
 from ..tables import before_after_table, fmt_mb, fmt_num, fmt_params, fmt_pct
-from . import actions, session
+from . import actions, exports, session
 from . import state as S
 from .resources import eval_defaults
 
@@ -303,7 +303,7 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
     default = len(runs) - 1 if default_index is None else default_index
     seen = st.session_state.get(S.WIDGET_OPTIONS, {}).get(f"{key}export_run")
     if seen != list(range(len(runs))) or f"{key}export_folder" not in st.session_state:
-        st.session_state[f"{key}export_folder"] = actions.default_export_folder(default)
+        st.session_state[f"{key}export_folder"] = exports.default_export_folder(default)
     S.follow_newest(f"{key}export_run", range(len(runs)), default)
     with st.form(f"{key}export_form"):
         c1, c2 = st.columns([1, 2])
@@ -321,7 +321,7 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
         c3, c4 = st.columns([1, 2])
         dtype_name = c3.selectbox(
             "Weights dtype",
-            list(actions.OUT_DTYPES),
+            list(exports.OUT_DTYPES),
             key=f"{key}export_dtype",
             help="The source's dtype by default (bf16 for a GGUF, whose dequantised values have "
             "no float type of their own); fp32 doubles the folder's size.",
@@ -331,33 +331,33 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
         )
         do_export = st.form_submit_button("Export", key=f"{key}export_submit")
     try:
-        st.caption(f"Will be written to `{actions.resolve_folder(folder)}`")
+        st.caption(f"Will be written to `{exports.resolve_folder(folder)}`")
     except MkaInputError:
         pass
     if do_export:
         try:
             with S.progress_status("Saving the model, shard by shard") as progress:
-                path = actions.export_run(
+                path = exports.export_run(
                     index,
                     folder,
                     overwrite=overwrite,
-                    out_dtype=actions.OUT_DTYPES[dtype_name],
+                    out_dtype=exports.OUT_DTYPES[dtype_name],
                     progress=progress,
                 )
             st.success(f"Saved to {path}")
         except MkaInputError as e:
             st.error(str(e))
-    exports = st.session_state.get(S.EXPORTS, {})
-    if index in exports:
-        data = actions.folder_zip(exports[index])
+    done = st.session_state.get(S.EXPORTS, {})
+    if index in done:
+        data = exports.folder_zip(done[index])
         if data is None:
             st.caption(
                 f"The folder is too large for a download here; it is on this machine at "
-                f"`{exports[index]}`."
+                f"`{done[index]}`."
             )
         else:
             st.download_button(
-                f"Download {exports[index]} as .zip ({fmt_mb(len(data))})",
+                f"Download {done[index]} as .zip ({fmt_mb(len(data))})",
                 data,
                 file_name=f"{runs[index].label.replace(' ', '_')}.zip",
                 mime="application/zip",

@@ -1,0 +1,130 @@
+"""The app's plan actions: make a plan by budget or from picks, import a plan file, keep the
+session's plan (and its workspace copy), and the plan's mergekit YAML and file name."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ..errors import MkaInputError, ProgressFn
+from . import session
+from . import state as S
+from .resources import current_model
+
+
+def planners() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from ..planners import ALPHA_RULES, PLANNERS
+
+    return PLANNERS, ALPHA_RULES
+
+
+def planner_help(name: str) -> str:
+    from ..planners import PLANNER_HELP
+
+    return PLANNER_HELP.get(name, "")
+
+
+ALPHA_HELP = {
+    "similarity": "α = NPIB of the pair (the paper)",
+    "rowmean": "α = sigmoid of the row means of S (the released code)",
+    "fixed": "α = the value you choose",
+    "search": "α in [0, 1] that minimises calibration loss (slower)",
+}
+
+
+def make_budget_plan(
+    planner: str,
+    n_remove: int | None = None,
+    ratio: float | None = None,
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    protect_first: bool = True,
+    protect_last: bool = True,
+    npib: str = "single",
+    progress: ProgressFn | None = None,
+):
+    from ..pipeline import make_budget_plan as _make
+
+    plan = _make(
+        current_model(),
+        st.session_state[S.ANALYSIS],
+        planner=planner,
+        n_remove=n_remove,
+        ratio=ratio,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        protect_first=protect_first,
+        protect_last=protect_last,
+        npib=npib,
+        progress=progress,
+    )
+    set_plan(plan, f"budget: {planner}")
+    return plan
+
+
+def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: float = 0.5):
+    from ..pipeline import make_manual_plan as _make
+
+    plan = _make(
+        current_model(),
+        st.session_state.get(S.ANALYSIS),
+        list(picks),
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+    )
+    set_plan(plan, "manual")
+    return plan
+
+
+def import_plan(uploaded) -> tuple[object, str | None]:
+    """A Plan from an uploaded JSON file, validated; plus a warning when it names another model."""
+    import json
+
+    from ..plan import Plan, check_fingerprint
+
+    if uploaded is None:
+        raise MkaInputError("no plan file uploaded")
+    raw = uploaded.getvalue()
+    if not raw.strip():
+        raise MkaInputError(f"{uploaded.name} is empty")
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MkaInputError(f"{uploaded.name} is not a text file; expected a plan JSON") from None
+    except json.JSONDecodeError as e:
+        raise MkaInputError(
+            f"{uploaded.name} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    try:
+        plan = Plan.from_dict(d)
+    except MkaInputError as e:
+        raise MkaInputError(f"{uploaded.name}: {e}") from None
+    loaded = current_model()
+    if plan.model.num_layers != loaded.n_layers:
+        raise MkaInputError(
+            f"{uploaded.name}: the plan is for a {plan.model.num_layers}-layer model "
+            f"({plan.model.source}), the loaded model has {loaded.n_layers} layers"
+        )
+    set_plan(plan, f"imported: {uploaded.name}")
+    return plan, check_fingerprint(plan, loaded)
+
+
+def set_plan(plan, origin: str) -> None:
+    st.session_state[S.PLAN] = plan
+    st.session_state[S.PLAN_ORIGIN] = origin
+    session.save_plan(plan)
+    S.sidebar_status()
+
+
+def mergekit_yaml(plan) -> tuple[str | None, str | None]:
+    """(yaml, None), or (None, why mergekit cannot express the plan)."""
+    from ..export import mergekit_yaml as _yaml
+
+    try:
+        return _yaml(plan), None
+    except MkaInputError as e:
+        return None, str(e)
+
+
+def plan_filename(plan, ext: str = "json") -> str:
+    src = plan.model.source.replace(":", "-").replace("/", "-")
+    return f"plan-{src}-{plan.method.get('planner', 'plan')}-{plan.n_layers_out}L.{ext}"
