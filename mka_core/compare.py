@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,22 +411,6 @@ def run_config(
 # the sweep
 
 
-def _check_ray_address(address: str) -> None:
-    """A quick one-line refusal when a Ray head does not answer (ray.init would wait long)."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://")[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host or hostport, int(port or 6379)), timeout=3):
-            pass
-    except (OSError, ValueError):
-        raise MkaInputError(
-            f"Ray address {address!r} does not answer (no Ray head listening there); start one "
-            f"with `ray start --head` or leave --address out to run locally"
-        ) from None
-
-
 def compare_sweep(
     loaded,
     analysis,
@@ -464,7 +447,9 @@ def compare_sweep(
     if executor not in ("local", "ray"):
         raise MkaInputError(f"unknown executor {executor!r}; expected local or ray")
     if executor == "ray":
-        _check_ray_address(address or "local")
+        from .compare_ray import check_ray_address
+
+        check_ray_address(address or "local")
     configs = make_configs(specs, budgets, transact)
     if windows is None:
         windows = eval_windows(loaded, eval_data, eval_budget, eval_window)
@@ -487,7 +472,9 @@ def compare_sweep(
     rows = [original_row]
     models = {}
     if executor == "ray":
-        rows += _run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
+        from .compare_ray import run_ray
+
+        rows += run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
     else:
         planned = _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
         for i, cfg in enumerate(configs):
@@ -506,7 +493,7 @@ def compare_sweep(
             rows.append(row)
             if model is not None:
                 models[cfg] = model
-            report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {_brief(row)}")
+            report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {row_brief(row)}")
     if heal_steps > 0:
         rows += _heal_rows(
             loaded,
@@ -535,7 +522,7 @@ def compare_sweep(
     return CompareResult(rows, plans, meta)
 
 
-def _brief(row: dict) -> str:
+def row_brief(row: dict) -> str:
     if row.get("error"):
         return row["error"]
     return f"perplexity {row['perplexity']:.3f}, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
@@ -595,74 +582,6 @@ def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch,
         r.pop("original_halves", None)
     models.clear()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray
-
-
-def _ray_task(spec: dict, analysis, cfg: Config, windows, cache: dict, kw: dict) -> dict:
-    """One config in a Ray worker: the model is loaded there (once per worker process)."""
-    from .models import load_model
-
-    key = tuple(sorted(spec.items()))
-    loaded = _WORKER_MODELS.get(key)
-    if loaded is None:
-        loaded = load_model(**spec)
-        _WORKER_MODELS.clear()
-        _WORKER_MODELS[key] = loaded
-    row, _ = run_config(loaded, analysis, cfg, windows, cache, **kw)
-    return row
-
-
-_WORKER_MODELS: dict = {}
-
-
-def _run_ray(loaded, analysis, configs, windows, cache, kw, address, progress) -> list[dict]:
-    try:
-        import ray
-    except ImportError:
-        raise MkaInputError(
-            "the Ray executor needs the ray package (pip install ray); or use --executor local"
-        ) from None
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            address=None if address in (None, "local") else address,
-            log_to_driver=False,
-            include_dashboard=False,
-        )
-        started = True
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        spec = {
-            "source": loaded.source,
-            "device": "cuda" if gpus >= 1 else loaded.device,
-            "dtype": str(loaded.dtype).replace("torch.", ""),
-            "offload": loaded.streamed,
-        }
-        task = ray.remote(**resources)(_ray_task)
-        # the reference states once in the object store, not once per task
-        shared = [ray.put(x) for x in (analysis, windows, cache)]
-        refs = [task.remote(spec, shared[0], cfg, shared[1], shared[2], kw) for cfg in configs]
-        rows = []
-        for i, ref in enumerate(refs):
-            try:
-                rows.append(ray.get(ref))
-            except BaseException:
-                for r in refs[i + 1 :]:
-                    ray.cancel(r, force=True)
-                raise
-            report(
-                progress,
-                (i + 1) / len(refs),
-                f"compare (ray): {configs[i].label}: {_brief(rows[-1])}",
-            )
-        return rows
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def best_rows(rows: list[dict]) -> dict[int, dict]:

@@ -30,6 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MkaInputError
+from .jsonfields import (
+    dumps_compact,
+    is_int,
+    kind,
+    want_int,
+    want_list,
+    want_number,
+    want_object,
+    want_str,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,79 +56,6 @@ _STEP_KEYS = ("op", "layers", "weights", "score")
 
 
 # ---------------------------------------------------------------------------------------------
-# small type checks that name the field (JSON has no ints-vs-bools distinction Python respects)
-
-
-def _kind(value: Any) -> str:
-    """How a JSON reader would name a value's type in an error message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value!r}" if len(value) <= 40 else "a string"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _want_int(value: Any, path: str, what: str = "an integer") -> int:
-    if not _is_int(value):
-        raise MkaInputError(f"{path}: expected {what}, got {_kind(value)}")
-    return int(value)
-
-
-def _want_number(value: Any, path: str) -> float:
-    if not _is_number(value):
-        raise MkaInputError(f"{path}: expected a number, got {_kind(value)}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise MkaInputError(f"{path}: expected a finite number, got {x}")
-    return x
-
-
-def _want_str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise MkaInputError(f"{path}: expected a string, got {_kind(value)}")
-    return value
-
-
-def _want_list(value: Any, path: str, what: str) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise MkaInputError(f"{path}: expected {what}, got {_kind(value)}")
-    return list(value)
-
-
-def _want_object(value: Any, path: str, keys: Sequence[str], required: Sequence[str]) -> dict:
-    if not isinstance(value, dict):
-        raise MkaInputError(f"{path}: expected a JSON object, got {_kind(value)}")
-    for key in value:
-        if key not in keys:
-            raise MkaInputError(
-                f"{path}: unknown field {key!r}; expected only {', '.join(keys)}"
-                if path != "plan"
-                else f"unknown field {key!r} in the plan; expected only {', '.join(keys)}"
-            )
-    for key in required:
-        if key not in value:
-            where = f"{path}.{key}" if path != "plan" else key
-            raise MkaInputError(f"{where}: missing")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
 # steps and the composition they derive
 
 
@@ -130,12 +67,12 @@ def _derived_collapse_weights(n: int) -> tuple[float, ...]:
 def _check_step_fields(op, layers, weights, score, path: str):
     """Context-free checks of one step (types, arity, weights); returns normalised fields."""
     if not isinstance(op, str) or op not in OPS:
-        raise MkaInputError(f"{path}.op: unknown op {_kind(op)}; expected one of {', '.join(OPS)}")
+        raise MkaInputError(f"{path}.op: unknown op {kind(op)}; expected one of {', '.join(OPS)}")
     if isinstance(layers, str):
-        raise MkaInputError(f"{path}.layers: expected a list of layer indices, got {_kind(layers)}")
-    layers = _want_list(layers, f"{path}.layers", "a list of layer indices")
+        raise MkaInputError(f"{path}.layers: expected a list of layer indices, got {kind(layers)}")
+    layers = want_list(layers, f"{path}.layers", "a list of layer indices")
     layers = tuple(
-        _want_int(x, f"{path}.layers[{j}]", "an integer layer index") for j, x in enumerate(layers)
+        want_int(x, f"{path}.layers[{j}]", "an integer layer index") for j, x in enumerate(layers)
     )
     for j, x in enumerate(layers):
         if x in layers[:j]:
@@ -149,9 +86,9 @@ def _check_step_fields(op, layers, weights, score, path: str):
 
     if weights is not None:
         if isinstance(weights, str):
-            raise MkaInputError(f"{path}.weights: expected a list of numbers, got {_kind(weights)}")
-        weights = _want_list(weights, f"{path}.weights", "a list of numbers or null")
-        weights = tuple(_want_number(w, f"{path}.weights[{j}]") for j, w in enumerate(weights))
+            raise MkaInputError(f"{path}.weights: expected a list of numbers, got {kind(weights)}")
+        weights = want_list(weights, f"{path}.weights", "a list of numbers or null")
+        weights = tuple(want_number(w, f"{path}.weights[{j}]") for j, w in enumerate(weights))
     if op == "drop":
         if weights is not None:
             raise MkaInputError(f"{path}.weights: a drop takes no weights, got {list(weights)}")
@@ -186,7 +123,7 @@ def _check_step_fields(op, layers, weights, score, path: str):
         weights = derived
 
     if score is not None:
-        score = _want_number(score, f"{path}.score")
+        score = want_number(score, f"{path}.score")
     return op, layers, weights, score
 
 
@@ -231,7 +168,7 @@ class Step:
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "step") -> Step:
-        d = _want_object(d, path, _STEP_KEYS, ("op", "layers"))
+        d = want_object(d, path, _STEP_KEYS, ("op", "layers"))
         op, layers, weights, score = _check_step_fields(
             d["op"], d["layers"], d.get("weights"), d.get("score"), path
         )
@@ -241,8 +178,8 @@ class Step:
 def compose(num_layers: int, steps: Iterable[Step]) -> Composition:
     """The composition the steps derive on a model of `num_layers` layers, or MkaInputError
     naming the step (``steps[i]``) and what is wrong with it."""
-    if not _is_int(num_layers) or num_layers < 1:
-        raise MkaInputError(f"num_layers: expected a positive integer, got {_kind(num_layers)}")
+    if not is_int(num_layers) or num_layers < 1:
+        raise MkaInputError(f"num_layers: expected a positive integer, got {kind(num_layers)}")
     groups: Composition = [[(i, 1.0)] for i in range(num_layers)]
     dropped: dict[int, int] = {}  # original layer -> the step that removed it
 
@@ -325,10 +262,10 @@ class ModelRef:
     fingerprint: str
 
     def __post_init__(self):
-        _want_str(self.source, "model.source")
-        _want_str(self.architecture, "model.architecture")
-        _want_str(self.fingerprint, "model.fingerprint")
-        n = _want_int(self.num_layers, "model.num_layers")
+        want_str(self.source, "model.source")
+        want_str(self.architecture, "model.architecture")
+        want_str(self.fingerprint, "model.fingerprint")
+        n = want_int(self.num_layers, "model.num_layers")
         if n < 1:
             raise MkaInputError(f"model.num_layers: expected at least 1 layer, got {n}")
 
@@ -353,15 +290,15 @@ class ModelRef:
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "model") -> ModelRef:
-        d = _want_object(d, path, _MODEL_KEYS, _MODEL_KEYS)
-        n = _want_int(d["num_layers"], f"{path}.num_layers")
+        d = want_object(d, path, _MODEL_KEYS, _MODEL_KEYS)
+        n = want_int(d["num_layers"], f"{path}.num_layers")
         if n < 1:
             raise MkaInputError(f"{path}.num_layers: expected at least 1 layer, got {n}")
         return cls(
-            _want_str(d["source"], f"{path}.source"),
-            _want_str(d["architecture"], f"{path}.architecture"),
+            want_str(d["source"], f"{path}.source"),
+            want_str(d["architecture"], f"{path}.architecture"),
             n,
-            _want_str(d["fingerprint"], f"{path}.fingerprint"),
+            want_str(d["fingerprint"], f"{path}.fingerprint"),
         )
 
 
@@ -395,17 +332,17 @@ class Plan:
         if not isinstance(self.model, ModelRef):
             raise MkaInputError(f"model: expected a ModelRef, got {type(self.model).__name__}")
         if not isinstance(self.method, dict):
-            raise MkaInputError(f"method: expected a JSON object, got {_kind(self.method)}")
+            raise MkaInputError(f"method: expected a JSON object, got {kind(self.method)}")
         if "planner" in self.method and not isinstance(self.method["planner"], str):
             raise MkaInputError(
-                f"method.planner: expected a string, got {_kind(self.method['planner'])}"
+                f"method.planner: expected a string, got {kind(self.method['planner'])}"
             )
         try:
             json.dumps(self.method, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise MkaInputError(f"method: must be plain JSON data ({e})") from None
-        _want_str(self.created_by, "created_by")
-        _want_str(self.created_at, "created_at")
+        want_str(self.created_by, "created_by")
+        want_str(self.created_at, "created_at")
         steps = tuple(self.steps)
         object.__setattr__(self, "steps", steps)
         layers = compose(self.model.num_layers, steps)
@@ -449,39 +386,39 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return _dumps(self.to_dict()) + "\n"
+        return dumps_compact(self.to_dict()) + "\n"
 
     @classmethod
     def from_dict(cls, d: Any) -> Plan:
         """Validate a parsed plan file; errors name the field path (``steps[2].layers[1]``)."""
         if not isinstance(d, dict):
-            raise MkaInputError(f"plan: expected a JSON object, got {_kind(d)}")
+            raise MkaInputError(f"plan: expected a JSON object, got {kind(d)}")
         if "format" not in d:
             raise MkaInputError(
                 f"format: missing; expected {FORMAT!r} (is this an MKA Studio plan file?)"
             )
         if d["format"] != FORMAT:
             raise MkaInputError(
-                f"format: {_kind(d['format'])} is not an MKA Studio plan file; expected {FORMAT!r}"
+                f"format: {kind(d['format'])} is not an MKA Studio plan file; expected {FORMAT!r}"
             )
         if "version" not in d:
             raise MkaInputError(f"version: missing; expected {VERSION}")
-        if not _is_int(d["version"]) or d["version"] != VERSION:
+        if not is_int(d["version"]) or d["version"] != VERSION:
             raise MkaInputError(
-                f"version: unsupported version {_kind(d['version'])}; this mka-studio reads "
+                f"version: unsupported version {kind(d['version'])}; this mka-studio reads "
                 f"version {VERSION}"
             )
-        _want_object(d, "plan", _PLAN_KEYS, _PLAN_KEYS)
+        want_object(d, "plan", _PLAN_KEYS, _PLAN_KEYS)
         model = ModelRef.from_dict(d["model"])
         method = d["method"]
         if not isinstance(method, dict):
-            raise MkaInputError(f"method: expected a JSON object, got {_kind(method)}")
-        raw_steps = _want_list(d["steps"], "steps", "a list of steps")
+            raise MkaInputError(f"method: expected a JSON object, got {kind(method)}")
+        raw_steps = want_list(d["steps"], "steps", "a list of steps")
         steps = tuple(Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(raw_steps))
         derived = compose(model.num_layers, steps)
         _check_layers(d["layers"], derived, model.num_layers)
-        created_by = _want_str(d["created_by"], "created_by")
-        created_at = _want_str(d["created_at"], "created_at")
+        created_by = want_str(d["created_by"], "created_by")
+        created_at = want_str(d["created_at"], "created_at")
         try:
             datetime.fromisoformat(created_at.replace("Z", "+00:00"))  # 3.10
         except ValueError:
@@ -521,23 +458,23 @@ class Plan:
 
 def _check_layers(raw: Any, derived: Composition, num_layers: int) -> None:
     """The stored `layers` must be well formed and equal what the steps derive."""
-    layers = _want_list(raw, "layers", "a list of output layers")
+    layers = want_list(raw, "layers", "a list of output layers")
     seen: dict[int, int] = {}
     last = -1
     for g, entry in enumerate(layers):
         gp = f"layers[{g}]"
-        entry = _want_object(entry, gp, ("sources",), ("sources",))
-        sources = _want_list(entry["sources"], f"{gp}.sources", "a list of [layer, weight] pairs")
+        entry = want_object(entry, gp, ("sources",), ("sources",))
+        sources = want_list(entry["sources"], f"{gp}.sources", "a list of [layer, weight] pairs")
         if not sources:
             raise MkaInputError(f"{gp}.sources: empty; an output layer needs at least one source")
         total = 0.0
         for k, pair in enumerate(sources):
             sp = f"{gp}.sources[{k}]"
-            pair = _want_list(pair, sp, "a [layer, weight] pair")
+            pair = want_list(pair, sp, "a [layer, weight] pair")
             if len(pair) != 2:
                 raise MkaInputError(f"{sp}: expected a [layer, weight] pair, got {len(pair)} items")
-            layer = _want_int(pair[0], f"{sp}[0]", "an integer layer index")
-            total += _want_number(pair[1], f"{sp}[1]")
+            layer = want_int(pair[0], f"{sp}[0]", "an integer layer index")
+            total += want_number(pair[1], f"{sp}[1]")
             if not 0 <= layer < num_layers:
                 raise MkaInputError(
                     f"{sp}[0]: layer {layer} is out of range for a {num_layers}-layer model "
@@ -580,24 +517,6 @@ def _check_layers(raw: Any, derived: Composition, num_layers: int) -> None:
             )
 
 
-def _dumps(obj: Any, indent: int = 2, level: int = 0) -> str:
-    """json.dumps with indent, but short lists of scalars (and of scalar pairs) on one line."""
-
-    def flat(x: Any) -> bool:
-        return not isinstance(x, (dict, list)) or (
-            isinstance(x, list) and all(not isinstance(y, (dict, list)) for y in x)
-        )
-
-    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
-    if isinstance(obj, dict) and obj:
-        items = [f"{inner}{json.dumps(k)}: {_dumps(v, indent, level + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list) and obj and not all(flat(x) for x in obj):
-        items = [f"{inner}{_dumps(v, indent, level + 1)}" for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    return json.dumps(obj, allow_nan=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # building plans, checking models, budgets
 
@@ -636,7 +555,7 @@ def protected_layers(
     n_layers: int, protect_first: bool = True, protect_last: bool = True
 ) -> set[int]:
     """Layers a planner must leave alone: by default the first and the last."""
-    n = _want_int(n_layers, "n_layers")
+    n = want_int(n_layers, "n_layers")
     if n < 1:
         raise MkaInputError(f"n_layers: expected at least 1, got {n}")
     out = set()
@@ -658,7 +577,7 @@ def layers_to_remove(
 ) -> int:
     """How many layers a budget removes; exactly one of target_layers (layers kept), ratio
     (removed / original, rounded to the nearest layer) or remove (a count) must be given."""
-    n = _want_int(n_layers, "n_layers")
+    n = want_int(n_layers, "n_layers")
     if n < 1:
         raise MkaInputError(f"n_layers: expected at least 1, got {n}")
     given = [
@@ -672,17 +591,17 @@ def layers_to_remove(
             f"{', '.join(given) or 'none'})"
         )
     if target_layers is not None:
-        t = _want_int(target_layers, "target_layers")
+        t = want_int(target_layers, "target_layers")
         if not 1 <= t <= n:
             raise MkaInputError(f"target_layers: expected 1..{n} for a {n}-layer model, got {t}")
         r = n - t
     elif ratio is not None:
-        x = _want_number(ratio, "ratio")
+        x = want_number(ratio, "ratio")
         if not 0.0 <= x < 1.0:
             raise MkaInputError(f"ratio: expected removed/original in [0, 1), got {x}")
         r = math.floor(x * n + 0.5)
     else:
-        r = _want_int(remove, "remove")
+        r = want_int(remove, "remove")
     if r < 0:
         raise MkaInputError(f"budget: cannot remove a negative number of layers ({r})")
     n_protected = len(protected_layers(n, protect_first, protect_last))

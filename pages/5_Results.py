@@ -59,21 +59,7 @@ with tab_params:
     )
 with tab_layers:
     st.plotly_chart(history_figure(history), key="history_chart", config={"displayModeBar": False})
-st.dataframe(
-    history,
-    hide_index=True,
-    key="history_table",
-    column_config={
-        "params": st.column_config.NumberColumn("params", format="%d"),
-        "params_removed_pct": st.column_config.NumberColumn("params removed %", format="%.1f"),
-        "perplexity": st.column_config.NumberColumn("perplexity", format="%.2f"),
-        "perplexity_original": st.column_config.NumberColumn("original ppl", format="%.2f"),
-        "kl": st.column_config.NumberColumn("KL", format="%.4f"),
-        "top1": st.column_config.NumberColumn("top-1", format="%.3f"),
-        "decode_tps": st.column_config.NumberColumn("decode tok/s", format="%.1f"),
-        "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
-    },
-)
+ui.rows_table(history, key="history_table")
 st.download_button(
     "History (.csv)",
     history.to_csv(index=False),

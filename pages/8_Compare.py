@@ -69,20 +69,7 @@ cols = [
     "error",
 ]
 df = pd.DataFrame(result.rows)
-st.dataframe(
-    df[[c for c in cols if c in df]],
-    hide_index=True,
-    key="cmp_table",
-    column_config={
-        "params_removed_pct": st.column_config.NumberColumn("params removed %", format="%.1f"),
-        "perplexity": st.column_config.NumberColumn("perplexity", format="%.3f"),
-        "perplexity_half_a": st.column_config.NumberColumn("half a", format="%.3f"),
-        "perplexity_half_b": st.column_config.NumberColumn("half b", format="%.3f"),
-        "kl": st.column_config.NumberColumn("KL", format="%.4f"),
-        "top1": st.column_config.NumberColumn("top-1", format="%.3f"),
-        "plan_s": st.column_config.NumberColumn("plan s", format="%.1f"),
-    },
-)
+ui.rows_table(df[[c for c in cols if c in df]], key="cmp_table")
 st.caption(
     f"{result.meta['eval_tokens']} evaluation tokens, {result.meta['seconds']:.0f} s in all. "
     "Greedy planners are planned once at the largest budget; smaller budgets take their first "

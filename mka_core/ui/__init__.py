@@ -123,11 +123,13 @@ from .widgets import (
     pair_picks,
     pending_pair_choice,
     remove_pick,
+    rows_table,
     set_pair,
     stability_note,
 )
 
 __all__ = [
+    "rows_table",
     "absorb_heatmap_clicks",
     "add_pick",
     "align_signs",

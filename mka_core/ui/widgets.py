@@ -363,3 +363,35 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
                 mime="application/zip",
                 key=f"{key}dl_model_zip",
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# tables of runs (the Results history and the Compare sweep)
+
+NUMBER_COLUMNS = {  # row field → (column title, printf format)
+    "params": ("params", "%d"),
+    "params_removed_pct": ("params removed %", "%.1f"),
+    "perplexity": ("perplexity", "%.3f"),
+    "perplexity_original": ("original ppl", "%.3f"),
+    "perplexity_half_a": ("half a", "%.3f"),
+    "perplexity_half_b": ("half b", "%.3f"),
+    "kl": ("KL", "%.4f"),
+    "top1": ("top-1", "%.3f"),
+    "decode_tps": ("decode tok/s", "%.1f"),
+    "seconds": ("seconds", "%.1f"),
+    "plan_s": ("plan s", "%.1f"),
+}
+
+
+def rows_table(frame, key: str) -> None:
+    """A data frame of runs with the shared number formats of its known columns."""
+    st.dataframe(
+        frame,
+        hide_index=True,
+        key=key,
+        column_config={
+            col: st.column_config.NumberColumn(title, format=fmt)
+            for col, (title, fmt) in NUMBER_COLUMNS.items()
+            if col in frame
+        },
+    )
