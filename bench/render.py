@@ -744,6 +744,14 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         f"**{m.get('device', '?')}**, torch {m.get('torch', '?')} ({m.get('torch_threads', '?')}"
         f" threads), transformers {m.get('transformers', '?')}, Python {m.get('python', '?')}",
     ]
+    L.append(
+        "- sections, each as last run: "
+        + "; ".join(
+            f"{k} {v.get('seconds', 0) / 60:.1f} min on {str(v.get('date', '?'))[:10]} "
+            f"(`{v.get('command', '?')}`)"
+            for k, v in sections.items()
+        )
+    )
     if run.get("wall_s"):
         L.append(
             f"- wall time of the whole run: **{run['wall_s'] / 60:.1f} min** ("

@@ -32,7 +32,11 @@ def scale_section(out: Path) -> list[str]:
         f"tensor. analyze = {s.get('samples')} samples × {s.get('tokens')} tokens; plan = shortgpt "
         f"and mka removing {s.get('remove')} layers from the saved analysis; apply = the mka plan "
         f"(merged layers) exported shard by shard in the source dtype; evaluate = the export "
-        f"against its original on {s.get('eval_tokens')} tokens. *peak GB* is the child's own "
+        f"against its original on {s.get('eval_tokens')} tokens (in memory it also times decoding "
+        "and writes sample generations of both models, which a streamed evaluation skips: hence "
+        "its longer times); transact = TransAct scored on "
+        "the same calibration samples (one shot), keeping 90 % of every MLP's neurons and every "
+        "head, exported. *peak GB* is the child's own "
         "high-water mark of resident memory (VmHWM), page cache dropped before each command. "
         "Random weights: the perplexities are meaningless, the sizes, memory and times are real.",
         "",

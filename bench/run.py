@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         command += "".join(f" --only {s}" for s in args.only)
     machine_path = out / "machine.json"
     record = read_json(machine_path, {}) if args.only else {}
+    for stale in ("wall_s", "wall_note"):  # the whole-run total describes a full run only
+        record.pop(stale, None)
     info = machine_info()
     record.update(
         {

@@ -196,6 +196,12 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
                 + ["--budget", str(EVAL_TOKENS), "--window", str(EVAL_TOKENS)]
                 + ["--out", str(work / "eval.json")],
             ),
+            (
+                "transact → export",
+                ["transact", *common, "--samples", str(SAMPLES), "--tokens", str(TOKENS)]
+                + ["--mlp-keep", "0.9", "--heads-keep", "1.0", "--shots", "1"]
+                + ["--out", str(work / "pruned")],
+            ),
         ]
         for label, args in steps:
             say(f"scale: {name} {mode}: {label}")
@@ -207,9 +213,10 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
                     f"perplexity {res['original']['perplexity']:.4g} → {res['perplexity']:.4g}, "
                     f"KL {res['kl']:.3g}, top-1 {res['top1']:.1%}"
                 )
-            if label.startswith("apply") and r["rc"] == 0:
-                size = sum(f.stat().st_size for f in (work / "merged").rglob("*") if f.is_file())
-                note = f"{size / 1e9:.2f} GB written"
+            written_to = {"apply": "merged", "transact": "pruned"}.get(label.split()[0])
+            if written_to and r["rc"] == 0:
+                files = (work / written_to).rglob("*")
+                note = f"{sum(f.stat().st_size for f in files if f.is_file()) / 1e9:.2f} GB written"
             rows.append(
                 dict(
                     model=name,
@@ -226,6 +233,7 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
             if r["rc"]:
                 break
         shutil.rmtree(work / "merged", ignore_errors=True)
+        shutil.rmtree(work / "pruned", ignore_errors=True)
 
 
 def run(settings: Settings, out: Path) -> dict:

@@ -49,6 +49,18 @@ with tab_budget:
             key="plan_budget_kind",
             horizontal=True,
         )
+        st.caption(
+            "Which planner? `sleb` and `mka-loss` measure the damage of each candidate on "
+            "calibration data; the others predict it from a similarity measure. On the bundled "
+            "model the benchmark found `sleb` (or `angular`) best or within 1 % of best at 3, 6 "
+            "and 10 layers removed, the paper's `mka` behind, and TransAct (the TransAct page) "
+            "better than any layer removal at the same parameter count (BENCHMARKS.md). For your "
+            "model, "
+            "**What matters** shows how well each measure predicts the real damage and **Compare** "
+            "runs the planners side by side."
+        )
+        if planner in ("mka", "mka-tail"):
+            ui.stability_note(st, analysis.stability, "npib")
         if planner in ("sleb", "mka-loss", "laco"):
             st.caption(
                 "This planner measures the calibration loss of its candidates (16 samples): "
