@@ -102,6 +102,11 @@ def run(settings: Settings, out: Path) -> dict:
     n_layers = loaded.n_layers
     docs = load_documents(BUILTIN, "calibration")
 
+    # an untimed warm-up: the first k-means, BLAS and capture calls of a process pay one-off
+    # set-up costs that would otherwise land on the smallest N
+    warm = make_calibration(loaded.tokenizer, docs, n_samples=16, max_tokens=settings.cost_tokens)
+    _similarity_stages(capture_activations(loaded.model, warm))
+
     # -- the N sweep
     plan = None
     for n in settings.cost_samples:
