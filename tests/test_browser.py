@@ -132,6 +132,12 @@ def _goto(page, name: str) -> None:
     _idle(page)
 
 
+def _visible(locator) -> None:
+    """The element is shown (waiting a little: Streamlit draws data frames and charts after the
+    script run that created them has ended)."""
+    locator.wait_for(state="visible", timeout=30_000)
+
+
 def _no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0
 
@@ -163,7 +169,7 @@ def test_click_through_tiny_model(page):
     page.get_by_text("Hidden size").wait_for()
     _idle(page)
     _no_exception(page)
-    assert page.get_by_text("tiny:llama").first.is_visible()
+    _visible(page.get_by_text("tiny:llama").first)
     _shot(page, "1_model")
 
     _goto(page, "Similarity")
@@ -172,8 +178,8 @@ def test_click_through_tiny_model(page):
     _idle(page)
     heatmaps = page.locator(".js-plotly-plot")
     assert heatmaps.count() >= 5  # four heatmaps and the BI bar chart
-    assert heatmaps.first.is_visible()
-    assert page.get_by_text("NPIB (MKA)").first.is_visible()
+    _visible(heatmaps.first)
+    _visible(page.get_by_text("NPIB (MKA)").first)
     _no_exception(page)
     # clicking the cell (row 1, column 4) of the NPIB heatmap picks layers 1 and 4 for the planner
     cells = heatmaps.first.locator(".nsewdrag").first.bounding_box()
@@ -188,7 +194,7 @@ def test_click_through_tiny_model(page):
     page.get_by_text("layer 1 vs 4").first.wait_for(timeout=60_000)
     # layers 1 and 4 are not neighbours: the page asks what is meant instead of merging 1-4
     page.get_by_text("Layers 1 and 4 are not neighbours").first.wait_for(timeout=60_000)
-    assert page.get_by_role("button", name="Merge all 4 layers 1–4 into one").is_visible()
+    _visible(page.get_by_role("button", name="Merge all 4 layers 1–4 into one"))
     _shot(page, "2_similarity")
     page.get_by_role("button", name="Only look (add nothing)").click()
     _idle(page)
@@ -216,21 +222,21 @@ def test_click_through_tiny_model(page):
     _idle(page)
     _no_exception(page)
     table = page.locator('[data-testid="stTable"]').first  # before / after
-    assert table.is_visible()
+    _visible(table)
     assert "perplexity" in table.inner_text()
-    assert page.locator('[data-testid="stDataFrame"]').first.is_visible()  # the history
-    assert page.get_by_text("History of this workspace").is_visible()
+    _visible(page.locator('[data-testid="stDataFrame"]').first)  # the history
+    _visible(page.get_by_text("History of this workspace"))
     _shot(page, "5_results")
 
     _goto(page, "TransAct")
     page.get_by_text("Resulting shape").first.wait_for()
     # the defaults keep the model usable: 90 % of the MLP neurons, every head
-    assert page.get_by_text("intermediate 128 → 115, heads 4 → 4").first.is_visible()
+    _visible(page.get_by_text("intermediate 128 → 115, heads 4 → 4").first)
     page.get_by_role("button", name="Prune and evaluate").click()
     page.get_by_text("Before / after — transact", exact=False).first.wait_for(timeout=240_000)
     _idle(page)
     _no_exception(page)
-    assert page.get_by_text("MLP neuron scores").first.is_visible()
+    _visible(page.get_by_text("MLP neuron scores").first)
     _shot(page, "6_transact")
     # 5 heal steps instead of the CPU default 30: move the slider with the keyboard
     page.get_by_role("slider", name="Steps").focus()
@@ -241,7 +247,7 @@ def test_click_through_tiny_model(page):
     page.get_by_text("Perplexity after healing").first.wait_for(timeout=240_000)
     _idle(page)
     _no_exception(page)
-    assert page.get_by_text("Training loss while healing").first.is_visible()
+    _visible(page.get_by_text("Training loss while healing").first)
     _shot(page, "6_transact_healed")
 
 
@@ -256,7 +262,7 @@ def test_a_reload_resumes_the_workspace(page):
     assert "tiny:llama" in sidebar and "samples" in sidebar and "run(s)" in sidebar, sidebar
     _goto(page, "Results")
     page.get_by_text("Before / after", exact=False).first.wait_for(timeout=60_000)
-    assert page.get_by_text("History of this workspace").is_visible()
+    _visible(page.get_by_text("History of this workspace"))
     _no_exception(page)
     _goto(page, "Similarity")
     page.get_by_text("Block Influence per layer").first.wait_for(timeout=60_000)  # no re-capture
