@@ -45,6 +45,25 @@ def _load(args, progress):
     return loaded
 
 
+def _analysis(args, loaded, progress):
+    """What a planning command works from: the folder named by --analysis, or a fresh analysis of
+    the calibration arguments (compare has no --pooling: it takes analyze's default)."""
+    from .pipeline import analyze, load_analysis
+
+    if args.analysis:
+        return load_analysis(loaded, args.analysis)
+    pooling = {"pooling": args.pooling} if hasattr(args, "pooling") else {}
+    return analyze(
+        loaded,
+        data=args.data,
+        n_samples=args.samples,
+        max_tokens=args.tokens,
+        seed=args.seed,
+        progress=progress,
+        **pooling,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 
@@ -196,7 +215,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_plan(args) -> int:
     from .files import write_text_atomic
-    from .pipeline import analyze, load_analysis, make_budget_plan, make_manual_plan
+    from .pipeline import make_budget_plan, make_manual_plan
 
     progress = Progress(args.quiet)
     given = [x for x in (args.layers_to_remove, args.ratio, args.target_layers) if x is not None]
@@ -215,18 +234,12 @@ def cmd_plan(args) -> int:
     picks = _parse_picks(args.picks) if args.picks else None
     loaded = _load(args, progress)
     analysis = None
-    if args.analysis:
-        analysis = load_analysis(loaded, args.analysis)
-    elif args.planner != "manual" or args.alpha in ("similarity", "rowmean", "search"):
-        analysis = analyze(
-            loaded,
-            data=args.data,
-            n_samples=args.samples,
-            max_tokens=args.tokens,
-            pooling=args.pooling,
-            seed=args.seed,
-            progress=progress,
-        )
+    if (
+        args.analysis
+        or args.planner != "manual"
+        or args.alpha in ("similarity", "rowmean", "search")
+    ):
+        analysis = _analysis(args, loaded, progress)
     if picks is not None:
         plan = make_manual_plan(
             loaded, analysis, picks, alpha_rule=args.alpha, alpha=args.alpha_value
@@ -482,24 +495,13 @@ def cmd_compare(args) -> int:
     """planners × budgets (+ TransAct) on one analysis and one evaluation of the original."""
     from .compare import compare_sweep, parse_budgets, parse_planners
     from .files import check_out_dir
-    from .pipeline import analyze, load_analysis
 
     progress = Progress(args.quiet)
     parse_planners(args.planners)  # bad specs fail before anything is loaded
     check_out_dir(args.out, args.overwrite, protect=[args.model])
     loaded = _load(args, progress)
     parse_budgets(args.budgets, loaded.n_layers)
-    if args.analysis:
-        analysis = load_analysis(loaded, args.analysis)
-    else:
-        analysis = analyze(
-            loaded,
-            data=args.data,
-            n_samples=args.samples,
-            max_tokens=args.tokens,
-            seed=args.seed,
-            progress=progress,
-        )
+    analysis = _analysis(args, loaded, progress)
     result = compare_sweep(
         loaded,
         analysis,

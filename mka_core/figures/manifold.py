@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .common import centred_title
+
 PROJECTION_NAMES = {"diffusion": "Diffusion map", "umap": "UMAP", "pca": "PCA"}
 
 
@@ -85,7 +87,7 @@ def manifold_figure(y: np.ndarray, labels: list[str], title: str, height: int = 
     n_out = int(out.sum())
     note = f" · {n_out} outlier{'s' if n_out != 1 else ''} at the edge (◇)" if n_out else ""
     fig.update_layout(
-        title={"text": title + note, "x": 0.5, "xanchor": "center", "font": {"size": 14}},
+        title=centred_title(title + note, 14),
         height=height,
         margin={"l": 40, "r": 10, "t": 40, "b": 40},
         xaxis={"title": "dimension 1", "zeroline": False, "range": list(rx)},
@@ -132,11 +134,7 @@ def manifold_animation(frames: list[np.ndarray], labels: list[str], method: str)
         for i in range(len(frames))
     ]
     fig.update_layout(
-        title={
-            "text": f"{PROJECTION_NAMES[method]} through the layers",
-            "x": 0.5,
-            "xanchor": "center",
-        },
+        title=centred_title(f"{PROJECTION_NAMES[method]} through the layers"),
         height=560,
         margin={"l": 40, "r": 10, "t": 40, "b": 110},
         xaxis={"range": list(rx), "title": "dimension 1"},

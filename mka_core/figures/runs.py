@@ -8,6 +8,8 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
+from .common import centred_title
+
 CAP = 1000  # perplexities beyond this multiple of the original's are drawn at the chart's edge
 
 
@@ -212,12 +214,7 @@ def comparison_figure(df: pd.DataFrame) -> go.Figure:
         )
     top = min(float(ppl.max()), cap)
     fig.update_layout(
-        title={
-            "text": "Perplexity against parameters removed (stars: healed)",
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title("Perplexity against parameters removed (stars: healed)", 14),
         height=400,
         margin={"l": 60, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "parameters removed (%)", "rangemode": "tozero", "ticksuffix": " %"},

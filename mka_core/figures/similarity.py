@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .common import centred_title
+
 MEASURE_NAMES = {
     "npib": "NPIB (MKA)",
     "cosine": "Cosine similarity",
@@ -70,7 +72,7 @@ def heatmap_figure(measure: str, m: np.ndarray, layers: list[int], pair=None) ->
                 line={"color": "#ff3c3c", "width": 2},
             )
     fig.update_layout(
-        title={"text": MEASURE_NAMES[measure], "x": 0.5, "xanchor": "center"},
+        title=centred_title(MEASURE_NAMES[measure]),
         height=430,
         margin={"l": 50, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "layer", "range": [-0.5, n - 0.5], "constrain": "domain", "dtick": tick},
@@ -117,13 +119,13 @@ def bi_figure(bi: np.ndarray, layers: list[int], pair=None) -> go.Figure:
             "title": "Block Influence" + (" (log scale)" if log else ""),
             "type": "log" if log else "linear",
         },
-        title={
-            "text": "Block Influence per layer (low = the block changes little)"
-            + (" · log scale: one layer is >10× the median" if log else ""),
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title(
+            (
+                "Block Influence per layer (low = the block changes little)"
+                + (" · log scale: one layer is >10× the median" if log else "")
+            ),
+            14,
+        ),
     )
     return fig
 
@@ -144,11 +146,7 @@ def spread_figure(measure: str, spread: np.ndarray, layers: list[int]) -> go.Fig
     n = len(layers)
     tick = max(1, -(-n // 16))
     fig.update_layout(
-        title={
-            "text": f"{MEASURE_NAMES.get(measure, measure)}: spread over resamples",
-            "x": 0.5,
-            "xanchor": "center",
-        },
+        title=centred_title(f"{MEASURE_NAMES.get(measure, measure)}: spread over resamples"),
         height=430,
         margin={"l": 50, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "layer", "dtick": tick, "constrain": "domain"},
@@ -188,12 +186,7 @@ def importance_figure(
     fig.update_layout(
         height=340,
         margin={"l": 50, "r": 50, "t": 40, "b": 45},
-        title={
-            "text": "Real damage per layer against the prediction",
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title("Real damage per layer against the prediction", 14),
         xaxis={"title": "layer", "dtick": 1 if len(layers) <= 32 else None},
         yaxis={"title": "loss increase (nats, log)", "type": "log"},
         yaxis2={"title": name, "overlaying": "y", "side": "right", "showgrid": False},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .common import centred_title
+
 
 def heal_loss_figure(rep) -> go.Figure:
     """The training loss of every heal step, with a running mean when there are many steps."""
@@ -34,7 +36,7 @@ def heal_loss_figure(rep) -> go.Figure:
             )
         )
     fig.update_layout(
-        title={"text": "Training loss while healing", "x": 0.5, "xanchor": "center"},
+        title=centred_title("Training loss while healing"),
         height=320,
         margin={"l": 50, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "step", "rangemode": "tozero"},
@@ -87,12 +89,7 @@ def transact_figures(rep) -> tuple[go.Figure, go.Figure, go.Figure]:
         font={"color": "#e03131", "size": 12},
     )
     mlp_fig.update_layout(
-        title={
-            "text": "MLP neuron scores, sorted in each layer",
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title("MLP neuron scores, sorted in each layer", 14),
         height=max(320, 16 * n_layers + 130),
         margin={"l": 50, "r": 10, "t": 60, "b": 45},
         xaxis={"title": "neuron rank in its layer"},
@@ -129,12 +126,7 @@ def transact_figures(rep) -> tuple[go.Figure, go.Figure, go.Figure]:
     for g in range(1, n_kv):  # KV group boundaries
         heads_fig.add_vline(x=g * per_group - 0.5, line_color="white", line_width=3)
     heads_fig.update_layout(
-        title={
-            "text": f"Query head scores (✓ kept; {n_kv} KV groups of {per_group})",
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title(f"Query head scores (✓ kept; {n_kv} KV groups of {per_group})", 14),
         height=max(320, 16 * n_layers + 130),
         margin={"l": 50, "r": 10, "t": 60, "b": 45},
         xaxis={"title": "query head", "dtick": 1},
@@ -173,12 +165,9 @@ def transact_figures(rep) -> tuple[go.Figure, go.Figure, go.Figure]:
             )
         )
     mass_fig.update_layout(
-        title={
-            "text": "Score mass kept per layer in the last shot (dashed: share of units kept)",
-            "x": 0.5,
-            "xanchor": "center",
-            "font": {"size": 14},
-        },
+        title=centred_title(
+            "Score mass kept per layer in the last shot (dashed: share of units kept)", 14
+        ),
         height=340,
         margin={"l": 50, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "layer", "dtick": 1 if n_layers <= 32 else 2},

@@ -197,19 +197,24 @@ def sidebar_status() -> None:
             st.caption(f"{icon} **{name}**: {detail}")
 
 
+def _stop_with_link(message: str, page: str, name: str) -> None:
+    """What a page cannot do yet: say so, link the page that does it first, and st.stop()."""
+    st.info(message)
+    st.page_link(page, label=f"Go to the {name} page", icon=":material/arrow_forward:")
+    st.stop()
+
+
 def require_model():
     """The loaded model, or a pointer to the Model page and st.stop()."""
     from .resources import current_model
 
     loaded = current_model()
     if loaded is None:
-        st.info(
-            "No model loaded yet. Start on the **Model** page (or the home page's one-click start)."
+        _stop_with_link(
+            "No model loaded yet. Start on the **Model** page (or the home page's one-click start).",
+            "pages/1_Model.py",
+            "Model",
         )
-        st.page_link(
-            "pages/1_Model.py", label="Go to the Model page", icon=":material/arrow_forward:"
-        )
-        st.stop()
     return loaded
 
 
@@ -218,25 +223,24 @@ def require_analysis():
     require_model()
     analysis = st.session_state.get(ANALYSIS)
     if analysis is None:
-        st.info("No activations captured yet. Capture them on the **Similarity** page first.")
-        st.page_link(
+        _stop_with_link(
+            "No activations captured yet. Capture them on the **Similarity** page first.",
             "pages/2_Similarity.py",
-            label="Go to the Similarity page",
-            icon=":material/arrow_forward:",
+            "Similarity",
         )
-        st.stop()
     return analysis
 
 
 def require_plan():
+    """The current plan, or a pointer to the Plan page and st.stop()."""
     require_model()
     plan = st.session_state.get(PLAN)
     if plan is None:
-        st.info("No plan yet. Make one on the **Plan** page (a budget, manual picks or a file).")
-        st.page_link(
-            "pages/4_Plan.py", label="Go to the Plan page", icon=":material/arrow_forward:"
+        _stop_with_link(
+            "No plan yet. Make one on the **Plan** page (a budget, manual picks or a file).",
+            "pages/4_Plan.py",
+            "Plan",
         )
-        st.stop()
     return plan
 
 
