@@ -29,8 +29,8 @@ STAGES_N = ("capture", "diffusion", "npib", "other_measures", "plan", "apply")
 
 def _similarity_stages(acts, seed: int = 0) -> dict[str, Measure]:
     """Time each similarity stage on one capture, as compute_similarity runs them."""
-    from mka_core.manifold import diffusion_maps
-    from mka_core.similarity import cka_matrix, cluster_codes, npib_from_codes, row_cosines
+    from mka_core.analysis.manifold import diffusion_maps
+    from mka_core.analysis.similarity import cka_matrix, cluster_codes, npib_from_codes, row_cosines
 
     out: dict[str, Measure] = {}
     with Measure() as m:
@@ -61,13 +61,14 @@ def _row(stage: str, n: int, m: Measure, **extra) -> dict:
 
 
 def run(settings: Settings, out: Path) -> dict:
-    from mka_core import evaluate, pipeline
-    from mka_core.activations import capture_activations
-    from mka_core.data import BUILTIN, load_documents, make_calibration
-    from mka_core.merge import apply_plan
-    from mka_core.models import load_model
-    from mka_core.planners import model_view
-    from mka_core.similarity import compute_similarity
+    from mka_core.analysis.activations import capture_activations
+    from mka_core.analysis.similarity import compute_similarity
+    from mka_core.compression.merge import apply_plan
+    from mka_core.compression.planners.search import model_view
+    from mka_core.data.corpus import BUILTIN, load_documents, make_calibration
+    from mka_core.evaluation import evaluate
+    from mka_core.models.loading import load_model
+    from mka_core.workflows import pipeline
 
     t_section = time.perf_counter()
     rows: list[dict] = []

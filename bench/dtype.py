@@ -37,12 +37,12 @@ def _best(fn, repeats: int) -> tuple[float, object]:
 def run(settings: Settings, out: Path) -> dict:
     import torch
 
-    from mka_core.activations import capture_activations
-    from mka_core.data import load_documents, make_calibration
-    from mka_core.evaluate import perplexity
-    from mka_core.models import load_model
-    from mka_core.pipeline import Analysis, eval_windows, make_budget_plan
-    from mka_core.similarity import compute_similarity
+    from mka_core.analysis.activations import capture_activations
+    from mka_core.analysis.similarity import compute_similarity
+    from mka_core.data.corpus import load_documents, make_calibration
+    from mka_core.evaluation.evaluate import perplexity
+    from mka_core.models.loading import load_model
+    from mka_core.workflows.pipeline import Analysis, eval_windows, make_budget_plan
 
     repeats = 2
     n, t = settings.calib_samples, settings.calib_tokens

@@ -62,10 +62,10 @@ def _row(r: dict) -> dict:
 
 
 def run(settings: Settings, out: Path) -> dict:
-    from mka_core import pipeline
-    from mka_core.compare import compare_sweep
-    from mka_core.importance import proxy_vs_truth
-    from mka_core.models import load_model
+    from mka_core.compression.importance import proxy_vs_truth
+    from mka_core.models.loading import load_model
+    from mka_core.workflows import pipeline
+    from mka_core.workflows.compare import compare_sweep
 
     t_section = time.perf_counter()
     say(f"quality: loading {settings.model}")

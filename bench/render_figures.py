@@ -121,7 +121,7 @@ def _quality_figures(figs: Figures, rows: list[dict], budgets: list[int], fixed_
     # the interactive figure is the product's own (`mka_core.figures.compare_figure`): the same
     # one `python -m mka_core compare` writes and the app's Compare page shows
     try:
-        from mka_core.figures import compare_figure
+        from mka_core.figures.compare import compare_figure
     except ImportError:
         return
     cmp_rows = [

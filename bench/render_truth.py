@@ -80,7 +80,7 @@ def truth_section(out: Path, quality: list[dict]) -> list[str]:
         "cka": "linear CKA",
         "bi": "Block Influence",
     }
-    from mka_core.stability import reading
+    from mka_core.analysis.stability import reading
 
     L = [
         "## Which layers really matter",

@@ -44,7 +44,7 @@ LLAMA_70B = dict(
 # the child reads its own peak (VmHWM) at exit: ru_maxrss would include this process' memory,
 # which Linux carries into a forked child
 _CHILD = (
-    "import sys, time; t0 = time.perf_counter(); from mka_core.cli import main; "
+    "import sys, time; t0 = time.perf_counter(); from mka_core.cli.main import main; "
     "rc = main(sys.argv[1:]); "
     "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
     "print('MKA-BENCH', int(hwm.split()[1]) * 1024, time.perf_counter() - t0, file=sys.stderr); "
@@ -93,14 +93,14 @@ def run_cli(args: list[str], timeout: float = 3600) -> dict:
 def _bundled_tokenizer():
     from transformers import AutoTokenizer
 
-    from mka_core.models import bundled_gguf_path, gguf_folder
+    from mka_core.models.cache import bundled_gguf_path, gguf_folder
 
     return AutoTokenizer.from_pretrained(str(gguf_folder(bundled_gguf_path())))
 
 
 def ensure_model(shape: str) -> tuple[Path, float | None]:
     """The random model of `shape` (written once, tensor by tensor) and the seconds it took."""
-    from mka_core.synthetic import SHAPES, llama_config, write_random_model
+    from mka_core.models.synthetic import SHAPES, llama_config, write_random_model
 
     folder = MODELS_DIR / shape
     if (folder / "config.json").is_file():
@@ -116,7 +116,7 @@ def bf16_gflops() -> float:
     """bf16 matmul throughput of this CPU (or GPU) on a Llama-3-8B MLP shape, GFLOP/s."""
     import torch
 
-    from mka_core.models import pick_device, pick_dtype
+    from mka_core.models.loading import pick_device, pick_dtype
 
     device = pick_device()
     dtype = pick_dtype(device)
@@ -137,7 +137,7 @@ def disk_read_gbps(folder: Path) -> float:
     """Cold read speed of the model's shards, read the way the engine reads them
     (`weights.read_range`: O_DIRECT where allowed), the page cache dropped first where allowed;
     the best of two reads of 4 GB."""
-    from mka_core.weights import read_range
+    from mka_core.engine.weights import read_range
 
     best = 0.0
     piece = 256 * 1024**2
@@ -237,8 +237,8 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
 
 
 def run(settings: Settings, out: Path) -> dict:
-    from mka_core.synthetic import SHAPES
-    from mka_core.weights import SafetensorsStore
+    from mka_core.engine.weights import SafetensorsStore
+    from mka_core.models.synthetic import SHAPES
 
     rows: list[dict] = []
     runs: dict = {}

@@ -1,5 +1,5 @@
 """Writing outputs safely: a temporary name renamed into place when complete, never over an
-existing non-empty folder unless asked, never into the folder a model was loaded from (SPEC §10)."""
+existing non-empty folder unless asked, never into the folder a model was loaded from."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import MkaInputError
+from mka_core.errors import MkaInputError
 
 
 def check_out_dir(out: str | Path, overwrite: bool = False, protect: list[str | Path] = ()) -> Path:

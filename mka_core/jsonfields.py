@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import MkaInputError
+from mka_core.errors import MkaInputError
 
 
 def kind(value: Any) -> str:

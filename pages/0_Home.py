@@ -4,7 +4,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.workspace import list_workspaces, root
+from mka_core.workflows.workspace import list_workspaces, root
 
 ui.page_setup("MKA Studio", ":material/hub:")
 

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import bi_figure, heatmap_figure, spread_figure
+from mka_core.figures.similarity import bi_figure, heatmap_figure, spread_figure
 
 ui.page_setup("Layer similarity", ":material/grid_on:")
 ui.explain(

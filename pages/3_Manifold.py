@@ -5,7 +5,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import manifold_animation, manifold_figure
+from mka_core.figures.manifold import manifold_animation, manifold_figure
 
 ui.page_setup("Layer manifolds", ":material/scatter_plot:")
 ui.explain(

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import plan_figure
+from mka_core.figures.plans import plan_figure
 
 ui.page_setup("Plan", ":material/account_tree:")
 ui.explain(

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import comparison_figure, history_figure
+from mka_core.figures.runs import comparison_figure, history_figure
 
 ui.page_setup("Results", ":material/monitoring:")
 ui.explain(

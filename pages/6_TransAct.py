@@ -6,7 +6,8 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import comparison_figure, heal_loss_figure, transact_figures
+from mka_core.figures.runs import comparison_figure
+from mka_core.figures.transact import heal_loss_figure, transact_figures
 
 ui.page_setup("TransAct", ":material/content_cut:")
 ui.explain(

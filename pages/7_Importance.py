@@ -5,9 +5,9 @@ import pandas as pd
 import streamlit as st
 
 from mka_core import ui
+from mka_core.compression.importance import proxies, proxy_vs_truth
 from mka_core.errors import MkaInputError
-from mka_core.figures import importance_figure
-from mka_core.importance import proxies, proxy_vs_truth
+from mka_core.figures.similarity import importance_figure
 
 ui.page_setup("What really matters", ":material/troubleshoot:")
 ui.explain(

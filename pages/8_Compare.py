@@ -6,7 +6,7 @@ import streamlit as st
 
 from mka_core import ui
 from mka_core.errors import MkaInputError
-from mka_core.figures import compare_figure
+from mka_core.figures.compare import compare_figure
 
 ui.page_setup("Compare planners", ":material/compare_arrows:")
 ui.explain(

@@ -15,7 +15,7 @@ os.environ["MKA_STUDIO_WORKSPACES"] = tempfile.mkdtemp(prefix="mka-test-workspac
 def tiny():
     """A LoadedModel of tiny:llama (6 layers, d_model 64, 4 heads over 2 KV groups). Read-only.
     In fp32 (the CPU default is bf16): the unit tests check arithmetic exactly."""
-    from mka_core.models import load_model
+    from mka_core.models.loading import load_model
 
     return load_model("tiny:llama", device="cpu", dtype="fp32", seed=0)
 
@@ -28,7 +28,7 @@ def tiny_copy(tiny):
 
 @pytest.fixture(scope="session")
 def tiny_batch(tiny):
-    from mka_core.data import builtin_corpus, make_calibration
+    from mka_core.data.corpus import builtin_corpus, make_calibration
 
     calib, _ = builtin_corpus()
     return make_calibration(tiny.tokenizer, calib, n_samples=24, max_tokens=32)
@@ -37,6 +37,6 @@ def tiny_batch(tiny):
 @pytest.fixture(scope="session")
 def bundled():
     """The real SmolLM2-135M (integration tests only)."""
-    from mka_core.models import load_model
+    from mka_core.models.loading import load_model
 
     return load_model("bundled:smollm2-135m", device="cpu")

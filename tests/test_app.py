@@ -303,7 +303,7 @@ def test_plan_budget_makes_a_plan_that_the_cli_applies(tmp_path):
     # the downloaded plan JSON is what `python -m mka_core apply` reads
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
-    from mka_core.cli import main
+    from mka_core.cli.main import main
 
     out = tmp_path / "model"
     assert main(["apply", str(path), "--model", "tiny:llama", "--out", str(out), "--quiet"]) == 0

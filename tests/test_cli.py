@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.cli import main
+from mka_core.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny:llama", "--quiet"]
@@ -90,9 +90,9 @@ def test_plan_apply_evaluate_round_trip(tmp_path):
     assert result["original"]["n_layers"] == 6
 
     # the same plan through the library gives the same model, weight for weight
-    from mka_core.merge import apply_plan
-    from mka_core.models import load_model
-    from mka_core.plan import Plan
+    from mka_core.compression.merge import apply_plan
+    from mka_core.compression.plan import Plan
+    from mka_core.models.loading import load_model
 
     lib = apply_plan(load_model("tiny:llama").model, Plan.load(plan))
     for k, v in lib.state_dict().items():
@@ -331,9 +331,9 @@ def test_bad_keep_values(tmp_path, capsys):
 def test_one_command_plans_merges_and_exports_a_streamed_model(tmp_path, capsys):
     """plan --apply on a model forced to stream: the folder written equals plan + apply in memory,
     and evaluate streams both models (speed and text skipped, and said so)."""
-    from mka_core.models import load_model
-    from mka_core.plan import Plan
-    from mka_core.weights import SafetensorsStore
+    from mka_core.compression.plan import Plan
+    from mka_core.engine.weights import SafetensorsStore
+    from mka_core.models.loading import load_model
 
     out = tmp_path / "small"
     args = ["plan", *FAST, *CALIB, "--offload", "--planner", "mka", "--layers-to-remove", "2"]
@@ -346,8 +346,8 @@ def test_one_command_plans_merges_and_exports_a_streamed_model(tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     plan = Plan.load(tmp_path / "p.json")
     mem = load_model("tiny:llama", dtype="fp32")
-    from mka_core.export import save_model
-    from mka_core.merge import apply_plan
+    from mka_core.compression.merge import apply_plan
+    from mka_core.workflows.export import save_model
 
     ref = SafetensorsStore(
         save_model(apply_plan(mem.model, plan), None, tmp_path / "ref", out_dtype="bf16")

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §9): perplexity, fidelity, speed, generations, MMLU accuracy, result files."""
+"""Evaluation: perplexity, fidelity, speed, generations, MMLU accuracy, result files."""
 
 import copy
 import csv
@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mka_core import evaluate as ev
 from mka_core.errors import MkaInputError
-from mka_core.models import count_params
+from mka_core.evaluation import evaluate as ev
+from mka_core.evaluation import generation as gen
+from mka_core.models.loading import count_params
 
 
 @pytest.fixture(scope="module")
 def windows(tiny):
-    from mka_core.data import builtin_corpus, make_eval_windows
+    from mka_core.data.corpus import builtin_corpus, make_eval_windows
 
     _, evaluation = builtin_corpus()
     return make_eval_windows(tiny.tokenizer, evaluation, budget_tokens=512, window=128)
@@ -146,9 +147,9 @@ def test_speed_returns_positive_rates(tiny):
 
 
 def test_speed_prompt_is_fixed_and_exact_length(tiny):
-    a = ev.speed_prompt(tiny.tokenizer, 50)
+    a = gen.speed_prompt(tiny.tokenizer, 50)
     assert a.shape == (1, 50)
-    assert torch.equal(a, ev.speed_prompt(tiny.tokenizer, 50))
+    assert torch.equal(a, gen.speed_prompt(tiny.tokenizer, 50))
 
 
 def test_generations_return_only_new_text(tiny):
@@ -159,7 +160,7 @@ def test_generations_return_only_new_text(tiny):
     assert out == ev.generations(
         tiny.model, tiny.tokenizer, ["The capital of France is", "def f(n):"], 8
     )
-    assert len(ev.DEFAULT_PROMPTS) >= 4
+    assert len(gen.DEFAULT_PROMPTS) >= 4
 
 
 def test_size_of_tiny_model(tiny):
@@ -232,7 +233,7 @@ def test_compare_and_results_round_trip(tiny, perturbed, windows, mmlu_folder, t
     assert orig.perplexity == pytest.approx(ev.perplexity(tiny.model, windows), rel=1e-6)
     assert comp.eval_tokens == orig.eval_tokens == 4 * 127
     assert orig.n_layers == 6 and orig.params == count_params(tiny.model)
-    assert len(comp.generations) == len(ev.DEFAULT_PROMPTS)
+    assert len(comp.generations) == len(gen.DEFAULT_PROMPTS)
     assert comp.mmlu["n"] == 9
     assert comp.meta["window"] == 128 and comp.meta["data"] == "builtin"
     assert comp.meta["device"] == "cpu"

@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import ModelRef, Plan, Step, make_plan
 from mka_core.errors import MkaInputError
-from mka_core.export import mergekit_yaml, save_model, save_text_atomic
-from mka_core.merge import apply_plan
-from mka_core.plan import ModelRef, Plan, Step, make_plan
+from mka_core.files import write_text_atomic as save_text_atomic
+from mka_core.workflows.export import mergekit_yaml, save_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])  # (1, 8) token ids
 

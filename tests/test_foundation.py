@@ -1,6 +1,5 @@
 """Unit tests of loading, data, capture, manifolds and similarity on tiny models and constructed data."""
 
-import ast
 import json
 from pathlib import Path
 
@@ -8,20 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.activations import Activations, capture_activations
-from mka_core.data import (
-    builtin_corpus,
-    load_documents,
-    load_mmlu,
-    make_calibration,
-    make_eval_windows,
-    mmlu_prompts,
-    parse_text,
-)
-from mka_core.errors import MkaInputError
-from mka_core.manifold import diffusion_map, project_2d
-from mka_core.models import get_layers, load_model, pick_device, summarize
-from mka_core.similarity import (
+from mka_core.analysis.activations import Activations, capture_activations
+from mka_core.analysis.manifold import diffusion_map, project_2d
+from mka_core.analysis.similarity import (
     SimilarityResult,
     angular_block_scores,
     block_influence,
@@ -31,6 +19,17 @@ from mka_core.similarity import (
     cosine_matrix,
     npib_from_codes,
 )
+from mka_core.data.corpus import (
+    builtin_corpus,
+    load_documents,
+    load_mmlu,
+    make_calibration,
+    make_eval_windows,
+    mmlu_prompts,
+    parse_text,
+)
+from mka_core.errors import MkaInputError
+from mka_core.models.loading import get_layers, load_model, pick_device, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +105,7 @@ def test_local_folder_loads_with_same_logits(tiny, tmp_path):
 def test_cpu_default_dtype_is_bf16_and_loading_keeps_rotary_in_fp32(tmp_path):
     """bf16 on this CPU: 2.6-2.9x faster, perplexity within 0.05 % (BENCHMARKS.md, dtype). Only
     the weights are cast: the rotary frequencies stay fp32, as transformers keeps them."""
-    from mka_core.models import pick_dtype
+    from mka_core.models.loading import pick_dtype
 
     assert pick_dtype("cpu") == torch.bfloat16
     loaded = load_model("tiny:llama", device="cpu")
@@ -369,16 +368,3 @@ def test_similarity_result_saves_and_loads(tiny, tiny_batch, tmp_path):
     meta = json.loads((tmp_path / "similarity.json").read_text())
     assert meta["layers"] == list(range(6)) and meta["params"]["k"] == 8
     assert (tmp_path / "npib.csv").read_text().startswith("layer,0,1,2,3,4,5\n0,1,")
-
-
-def test_only_ui_imports_streamlit():
-    for path in (ROOT / "mka_core").glob("*.py"):
-        if path.name == "ui.py":
-            continue
-        tree = ast.parse(path.read_text())
-        names = [
-            n.names[0].name if isinstance(n, ast.Import) else n.module
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Import | ast.ImportFrom)
-        ]
-        assert not any(str(x).startswith("streamlit") for x in names), path.name

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from mka_core.compression.heal import HealReport, heal
+from mka_core.compression.transact import prune
 from mka_core.errors import MkaInputError
-from mka_core.heal import HealReport, heal
-from mka_core.transact import prune
 
 
 def test_heal_lowers_the_training_loss_of_a_pruned_model(tiny, tiny_batch):

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def analysis(bundled):
-    from mka_core.pipeline import analyze
+    from mka_core.workflows.pipeline import analyze
 
     return analyze(bundled, n_samples=32, max_tokens=64)
 
@@ -23,7 +23,7 @@ def _greedy(loaded, model, prompt, n=12):
 
 
 def test_bundled_model_loads_and_knows_paris(bundled):
-    from mka_core.models import summarize
+    from mka_core.models.loading import summarize
 
     s = summarize(bundled)
     assert (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads) == (30, 576, 9, 3)
@@ -33,8 +33,8 @@ def test_bundled_model_loads_and_knows_paris(bundled):
 
 
 def test_bundled_perplexity_is_plausible(bundled):
-    from mka_core.evaluate import perplexity
-    from mka_core.pipeline import eval_windows
+    from mka_core.evaluation.evaluate import perplexity
+    from mka_core.workflows.pipeline import eval_windows
 
     ppl = perplexity(bundled.model, eval_windows(bundled, budget_tokens=2048, window=512))
     assert math.isfinite(ppl) and 3 < ppl < 60, ppl
@@ -57,7 +57,7 @@ def test_mka_plan_removing_six_layers_applies_generates_evaluates_exports(
 ):
     from transformers import AutoModelForCausalLM
 
-    from mka_core.pipeline import EvalSettings, export_run, make_budget_plan, run_plan
+    from mka_core.workflows.pipeline import EvalSettings, export_run, make_budget_plan, run_plan
 
     plan = make_budget_plan(bundled, analysis, "mka", n_remove=6)
     assert plan.n_layers_out == 24 and plan.compression_ratio == pytest.approx(0.2)

@@ -6,11 +6,11 @@ import logging
 import pytest
 import torch
 
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import ModelRef, Plan, Step, make_plan
 from mka_core.errors import MkaInputError
-from mka_core.merge import apply_plan
-from mka_core.models import get_layers
-from mka_core.plan import ModelRef, Plan, Step, make_plan
-from mka_core.tiny import tiny_config
+from mka_core.models.loading import get_layers
+from mka_core.models.tiny import tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -205,7 +205,7 @@ def test_wrong_model_for_the_plan(tiny, tiny_copy, caplog):
     plan = plan_for(tiny.model, Step.drop((1,)))
     with torch.no_grad():
         get_layers(tiny_copy.model)[0].self_attn.q_proj.weight.add_(1.0)
-    with caplog.at_level(logging.WARNING, logger="mka_core.merge"):
+    with caplog.at_level(logging.WARNING, logger="mka_core.compression.merge"):
         apply_plan(tiny_copy.model, plan)
     assert any("differs from the plan's" in r.getMessage() for r in caplog.records)
 

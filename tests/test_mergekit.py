@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mka_core.export import mergekit_yaml, save_model
-from mka_core.merge import apply_plan
-from mka_core.plan import Step, make_plan
-from mka_core.weights import SafetensorsStore
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import Step, make_plan
+from mka_core.engine.weights import SafetensorsStore
+from mka_core.workflows.export import mergekit_yaml, save_model
 
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
 

@@ -1,8 +1,14 @@
-"""The user-level actions of mka_core.pipeline on the tiny model."""
+"""The user-level actions of mka_core.workflows.pipeline on the tiny model."""
 
 import pytest
 
-from mka_core.pipeline import EvalSettings, analyze, make_budget_plan, run_plan, run_transact
+from mka_core.workflows.pipeline import (
+    EvalSettings,
+    analyze,
+    make_budget_plan,
+    run_plan,
+    run_transact,
+)
 
 
 @pytest.fixture(scope="module")

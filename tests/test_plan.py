@@ -9,8 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mka_core.errors import MkaInputError
-from mka_core.plan import (
+from mka_core.compression.plan import (
     ModelRef,
     Plan,
     Step,
@@ -20,6 +19,7 @@ from mka_core.plan import (
     make_plan,
     protected_layers,
 )
+from mka_core.errors import MkaInputError
 
 REF6 = ModelRef("tiny:llama", "LlamaForCausalLM", 6, "abc123")
 
@@ -154,7 +154,7 @@ def test_step_field_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# property-based: whatever valid steps a planner takes, the composition obeys SPEC §6
+# property-based: whatever valid steps a planner takes, the composition obeys the plan rules (README, "How it works")
 
 
 @st.composite

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.engine import LayerPass, causal_lm_loss
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import compose
+from mka_core.compression.planners.search import _golden_search, calibration_loss, model_view
+from mka_core.engine.layerpass import LayerPass, causal_lm_loss
 from mka_core.errors import MkaInputError
-from mka_core.merge import apply_plan
-from mka_core.models import model_fingerprint
-from mka_core.pipeline import analyze, make_budget_plan, make_manual_plan
-from mka_core.plan import compose
-from mka_core.planners import _golden_search, calibration_loss, model_view
+from mka_core.models.loading import model_fingerprint
+from mka_core.workflows.pipeline import analyze, make_budget_plan, make_manual_plan
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_search_alpha_is_never_worse_than_dropping(tiny, analysis):
     plan = make_budget_plan(tiny, analysis, "mka", n_remove=1, alpha_rule="search")
     step = plan.steps[0]
     a, b = step.layers
-    from mka_core.planners import SEARCH_SAMPLES, _subset
+    from mka_core.compression.planners.search import SEARCH_SAMPLES, _subset
 
     small = _subset(analysis.batch, SEARCH_SAMPLES)
     merged = calibration_loss(model_view(tiny.model, plan.layers), small)
@@ -87,7 +87,7 @@ def test_search_alpha_is_never_worse_than_dropping(tiny, analysis):
 
 
 def _drop(i):
-    from mka_core.plan import Step
+    from mka_core.compression.plan import Step
 
     return Step.drop([i])
 
@@ -161,8 +161,8 @@ def test_manual_picks(tiny, analysis):
 def test_suffix_loss_equals_the_full_forward(tiny, analysis):
     """The α search and LaCo continue from cached states past the unchanged layers: the same loss
     and final states as a full pass, for less work."""
-    from mka_core.plan import Step
-    from mka_core.planners import (
+    from mka_core.compression.plan import Step
+    from mka_core.compression.planners.search import (
         _subset,
         continue_from,
         every_block_input,

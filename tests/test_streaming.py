@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.engine import Stack
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import Step, make_plan
+from mka_core.compression.transact import prune
+from mka_core.engine.layerpass import Stack
+from mka_core.engine.weights import SafetensorsStore
 from mka_core.errors import MkaInputError
-from mka_core.evaluate import compare
-from mka_core.export import save_model
-from mka_core.merge import apply_plan
-from mka_core.models import load_model
-from mka_core.pipeline import analyze, eval_windows
-from mka_core.plan import Step, make_plan
-from mka_core.tiny import tiny_config, tiny_tokenizer
-from mka_core.transact import prune
-from mka_core.weights import SafetensorsStore
+from mka_core.evaluation.evaluate import compare
+from mka_core.models.loading import load_model
+from mka_core.models.tiny import tiny_config, tiny_tokenizer
+from mka_core.workflows.export import save_model
+from mka_core.workflows.pipeline import analyze, eval_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def test_not_enough_disk_space_is_refused_before_writing(folder, tmp_path, monke
 
 
 def test_one_block_too_big_is_refused(monkeypatch, folder):
-    from mka_core import models
+    from mka_core.models import loading as models
 
     monkeypatch.setattr(models, "available_memory", lambda device: 1000)
     with pytest.raises(MkaInputError, match="even one block"):
@@ -258,7 +258,7 @@ def test_streamed_analysis_peak_memory_stays_below_the_model_in_fp32(tmp_path):
     """A 258 M-parameter model (1.03 GB in fp32, 0.52 GB of bf16 on disk), analysed streamed in a
     child process: its peak resident memory stays below the fp32 size (measured: about 0.6 GB,
     most of it Python, torch and transformers themselves)."""
-    from mka_core.synthetic import llama_config, write_random_model
+    from mka_core.models.synthetic import llama_config, write_random_model
 
     cfg = llama_config(
         vocab_size=32000,
@@ -277,7 +277,7 @@ def test_streamed_analysis_peak_memory_stays_below_the_model_in_fp32(tmp_path):
     # the child reads its own high-water mark (VmHWM): getrusage's ru_maxrss would also count
     # the memory of this pytest process, which Linux carries over into a forked child
     code = (
-        "import sys; from mka_core.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from mka_core.cli.main import main; rc = main(sys.argv[1:]); "
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
         "print('PEAK', int(hwm.split()[1]) * 1024); sys.exit(rc)"
     )

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from mka_core.compression.transact import TransActReport, prune, score_units
 from mka_core.errors import MkaInputError
-from mka_core.models import count_params, get_layers
-from mka_core.transact import TransActReport, prune, score_units
+from mka_core.models.loading import count_params, get_layers
 
 
 def _logits(model, batch, n=4):
@@ -187,7 +187,7 @@ def test_invalid_keep_values(tiny, tiny_batch, kw, words):
 
 
 def test_target_shape_matches_what_prune_gives(tiny, tiny_batch):
-    from mka_core.transact import prune, target_shape
+    from mka_core.compression.transact import prune, target_shape
 
     for mlp_keep, heads_keep in ((0.5, 0.5), (100, 1.0), (0.3, 0.25)):
         t = target_shape(tiny.model, mlp_keep, heads_keep)

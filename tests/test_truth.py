@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.compare import compare_sweep, parse_planners
+from mka_core.analysis.stability import StabilityResult, compute_stability, spearman
+from mka_core.compression.importance import ImportanceResult, measure_importance, proxy_vs_truth
+from mka_core.compression.plan import Step, compose
+from mka_core.compression.planners.search import calibration_loss, model_view
 from mka_core.errors import MkaInputError
-from mka_core.importance import ImportanceResult, measure_importance, proxy_vs_truth
-from mka_core.pipeline import analyze, make_budget_plan
-from mka_core.plan import Step, compose
-from mka_core.planners import calibration_loss, model_view
-from mka_core.stability import StabilityResult, compute_stability, spearman
+from mka_core.workflows.compare import compare_sweep
+from mka_core.workflows.pipeline import analyze, make_budget_plan
+from mka_core.workflows.sweep import parse_planners
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_stability_is_measured_and_round_trips(analysis, tmp_path):
 
 def test_identical_halves_agree_perfectly(analysis):
     """A capture whose two halves (by document) hold the same rows reproduces exactly."""
-    from mka_core.activations import Activations
+    from mka_core.analysis.activations import Activations
 
     acts = analysis.activations
     half = acts.n_rows // 2
@@ -186,7 +187,7 @@ def test_ray_executor_gives_the_local_table(tiny, analysis):
 def test_greedy_plans_are_prefixes_so_compare_plans_once(tiny, analysis):
     """compare plans sleb / mka / shortgpt once at the largest budget and takes prefixes: the
     prefix is what planning the smaller budget directly gives."""
-    from mka_core.compare import Config, _Planned
+    from mka_core.workflows.sweep import Config, _Planned
 
     planned = _Planned(tiny, analysis, 0.5, None, None)
     for name in ("sleb", "mka", "shortgpt", "mka-loss"):

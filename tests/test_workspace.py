@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from mka_core import workspace as W
 from mka_core.errors import MkaInputError
+from mka_core.workflows import workspace as W
 
 
 @pytest.fixture()
@@ -53,7 +53,7 @@ def test_state_round_trip_and_listing(root):
 
 
 def test_analysis_and_plan_round_trip(root, tiny):
-    from mka_core.pipeline import analyze, make_budget_plan
+    from mka_core.workflows.pipeline import analyze, make_budget_plan
 
     analysis = analyze(tiny, n_samples=32, max_tokens=16, batch_size=16)
     plan = make_budget_plan(tiny, analysis, "shortgpt", n_remove=2)

@@ -1,18 +1,24 @@
 """Figures: plain functions from results to plotly figures, with no Streamlit, shared by the app,
 the command line and the benchmark."""
 
-from .compare import compare_figure
-from .manifold import (
+from mka_core.figures.compare import compare_figure
+from mka_core.figures.manifold import (
     PROJECTION_NAMES,
     manifold_animation,
     manifold_figure,
     robust_range,
     row_colors,
 )
-from .plans import plan_figure
-from .runs import before_after_figure, comparison_figure, history_figure
-from .similarity import MEASURE_NAMES, bi_figure, heatmap_figure, importance_figure, spread_figure
-from .transact import heal_loss_figure, transact_figures
+from mka_core.figures.plans import plan_figure
+from mka_core.figures.runs import before_after_figure, comparison_figure, history_figure
+from mka_core.figures.similarity import (
+    MEASURE_NAMES,
+    bi_figure,
+    heatmap_figure,
+    importance_figure,
+    spread_figure,
+)
+from mka_core.figures.transact import heal_loss_figure, transact_figures
 
 __all__ = [
     "MEASURE_NAMES",

@@ -7,8 +7,9 @@ import math
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from .common import centred_title
+from mka_core.figures.common import centred_title
 
 CAP = 1000  # perplexities beyond this multiple of the original's are drawn at the chart's edge
 
@@ -49,7 +50,6 @@ def before_after_figure(run) -> go.Figure:
     """Compressed against the original, on two scales: the perplexity as a multiple of the
     original's (log once it passes 10×: a collapse would hide everything else), and size and
     speed as % of the original."""
-    from plotly.subplots import make_subplots
 
     o, c = run.original, run.compressed
     items = [

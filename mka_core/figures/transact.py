@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .common import centred_title
+from mka_core.figures.common import centred_title
 
 
 def heal_loss_figure(rep) -> go.Figure:

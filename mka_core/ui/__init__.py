@@ -1,6 +1,7 @@
 """The Streamlit glue of MKA Studio: the only part of mka_core that imports Streamlit.
 
-- `state`: session-state keys, page scaffolding, guards, progress that can be stopped;
+- `state`: session-state keys, the model spec, progress that can be stopped;
+- `guards`: page setup, the sidebar, the guards that stop a page whose prerequisite is missing;
 - `session`: the workspace on disk that keeps a user's work across reloads and restarts;
 - `resources`: cached models and analyses, calibration data, projections;
 - `plans`: making, importing and keeping plans;
@@ -8,13 +9,14 @@
 - `exports`: a run's model written as a folder, and its zip;
 - `widgets`: pair picking, the evaluation form, before/after and export sections.
 
-Figures are plain functions in `mka_core.figures` and tables in `mka_core.tables` (no Streamlit).
+Figures are plain functions in `mka_core.figures` and tables in `mka_core.figures.tables` (no Streamlit).
 Pages use this package through the names below.
 """
 
-from ..figures import MEASURE_NAMES, PROJECTION_NAMES
-from ..tables import fmt_mb, fmt_num, fmt_params, fmt_pct, plan_table, steps_table
-from .actions import (
+from mka_core.figures.manifold import PROJECTION_NAMES
+from mka_core.figures.similarity import MEASURE_NAMES
+from mka_core.figures.tables import fmt_mb, fmt_num, fmt_params, fmt_pct, plan_table, steps_table
+from mka_core.ui.actions import (
     HEAL_LRS,
     compare_csv,
     eval_settings,
@@ -33,13 +35,18 @@ from .actions import (
     transact_preview,
     transact_warning,
 )
-from .exports import (
-    OUT_DTYPES,
-    default_export_folder,
-    export_run,
-    folder_zip,
+from mka_core.ui.exports import OUT_DTYPES, default_export_folder, export_run, folder_zip
+from mka_core.ui.guards import (
+    load_model,
+    page_setup,
+    require_analysis,
+    require_model,
+    require_plan,
+    run_analysis,
+    sidebar_status,
+    state_steps,
 )
-from .plans import (
+from mka_core.ui.plans import (
     ALPHA_HELP,
     import_plan,
     make_budget_plan,
@@ -50,7 +57,7 @@ from .plans import (
     planners,
     set_plan,
 )
-from .resources import (
+from mka_core.ui.resources import (
     align_signs,
     all_projections,
     analysis_defaults,
@@ -59,17 +66,15 @@ from .resources import (
     calibration_from_upload,
     current_model,
     eval_defaults,
-    load_model,
     matrix_csv,
     model_summary,
     on_gpu,
     projection,
-    run_analysis,
     similarity_zip,
     umap_cached,
 )
-from .session import new_workspace, open_workspace
-from .state import (
+from mka_core.ui.session import new_workspace, open_workspace
+from mka_core.ui.state import (
     ANALYSIS,
     ANALYSIS_INFO,
     CLICKS_SEEN,
@@ -100,16 +105,10 @@ from .state import (
     WorkStopped,
     explain,
     follow_newest,
-    page_setup,
     progress_status,
-    require_analysis,
-    require_model,
-    require_plan,
     resolve_spec,
-    sidebar_status,
-    state_steps,
 )
-from .widgets import (
+from mka_core.ui.widgets import (
     absorb_heatmap_clicks,
     add_pick,
     before_after_section,

@@ -8,10 +8,17 @@ from datetime import datetime
 
 import streamlit as st
 
-from ..errors import MkaInputError, ProgressFn
-from . import session
-from . import state as S
-from .resources import current_model, eval_defaults, model_summary, on_gpu
+from mka_core.compression.importance import measure_importance as _measure
+from mka_core.compression.transact import target_shape
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.figures.tables import history_frame as _frame
+from mka_core.ui import guards, session
+from mka_core.ui import state as S
+from mka_core.ui.resources import current_model, eval_defaults, model_summary, on_gpu
+from mka_core.workflows import pipeline
+from mka_core.workflows.compare import compare_sweep
+from mka_core.workflows.pipeline import EvalSettings
+from mka_core.workflows.pipeline import run_heal as _heal
 
 # ---------------------------------------------------------------------------------------------
 # runs: the original's evaluation is measured once per settings and reused
@@ -24,7 +31,6 @@ def eval_settings(
     budget_tokens, window, with_speed, with_generations, gen_tokens=None, eval_data="builtin"
 ):
     """The one object that says how runs are evaluated (pipeline.EvalSettings)."""
-    from ..pipeline import EvalSettings
 
     loaded = current_model()
     gen = gen_tokens or eval_defaults(loaded)["gen_tokens"]
@@ -71,11 +77,12 @@ def estimate_seconds(settings) -> float | None:
 
 def run_plan(plan, settings, progress: ProgressFn | None = None):
     """Apply the plan to a copy of the original, evaluate both, and record the run."""
-    from ..pipeline import run_plan as _run
 
     loaded = current_model()
     key, (original, cache) = _original_reuse(loaded, settings)
-    run = _run(loaded, plan, settings, original=original, reference_cache=cache, progress=progress)
+    run = pipeline.run_plan(
+        loaded, plan, settings, original=original, reference_cache=cache, progress=progress
+    )
     _remember_original(key, run)
     record_run(run, {"eval_tokens": settings.budget_tokens, "window": settings.window})
     return run
@@ -97,7 +104,7 @@ def record_run(run, extra: dict | None = None, report=None, kind: str | None = N
     row.update(extra or {})
     history.append(row)
     session.save_run(len(runs) - 1, run, report, kind)
-    S.sidebar_status()
+    guards.sidebar_status()
     return len(runs) - 1
 
 
@@ -107,7 +114,6 @@ def latest_run():
 
 
 def history_frame():
-    from ..tables import history_frame as _frame
 
     return _frame(st.session_state.get(S.HISTORY) or [])
 
@@ -128,7 +134,6 @@ def _model_of(run_index: int | None):
 def transact_preview(mlp_keep: float, heads_keep: float, base_index: int | None = None) -> dict:
     """The shape a TransAct prune would give, without pruning: the kept intermediate size and
     query heads (rounded the way `transact.prune` rounds), and about how many parameters go."""
-    from ..transact import target_shape
 
     model, params_start = _model_of(base_index)
     t = target_shape(model, float(mlp_keep), float(heads_keep))
@@ -222,7 +227,6 @@ def run_transact(
 ):
     """Prune the original (or the newest merge) on the analysis's calibration batch, evaluate it
     against the original and record the run; returns (run, TransActReport)."""
-    from ..pipeline import run_transact as _run
 
     batch = _analysis_batch()
     base_index = None
@@ -236,7 +240,7 @@ def run_transact(
     runs = st.session_state[S.RUNS]
     loaded = current_model()
     key, (original, cache) = _original_reuse(loaded, settings)
-    run, rep = _run(
+    run, rep = pipeline.run_transact(
         loaded,
         batch,
         mlp_keep=float(mlp_keep),
@@ -262,7 +266,7 @@ def run_transact(
     }
     index = record_run(run, extra, report=rep, kind="transact")
     st.session_state[S.TRANSACT] = {"run": index, "report": rep}
-    session.save()
+    session.save_state()
     return run, rep
 
 
@@ -279,7 +283,6 @@ def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn 
     """Fine-tune a run's compressed model on the calibration batch, evaluate it the way its
     source run was evaluated (so perplexity before → after compares like with like), record it.
     Returns (healed run, HealReport)."""
-    from ..pipeline import run_heal as _heal
 
     batch = _analysis_batch()
     if run_index is None:
@@ -319,7 +322,7 @@ def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn 
     extra.update(healed_from=run_index + 1, heal_steps=int(steps), heal_lr=float(lr))
     index = record_run(healed, extra, report=rep, kind="heal")
     st.session_state[S.HEAL] = {"run": index, "from": run_index, "report": rep}
-    session.save()
+    session.save_state()
     return healed, rep
 
 
@@ -335,7 +338,6 @@ def importance_defaults(loaded) -> dict:
 
 def measure_importance(n_samples: int, alpha_rule: str = "similarity", progress=None):
     """Drop-one and merge-one loss of the session's model, kept with its analysis."""
-    from ..importance import measure_importance as _measure
 
     analysis = st.session_state.get(S.ANALYSIS)
     if analysis is None:
@@ -361,7 +363,6 @@ def run_compare(
     planners_spec, budgets, transact: bool, settings, progress: ProgressFn | None = None
 ):
     """The compare sweep on the session's analysis and model, kept in the session."""
-    from ..compare import compare_sweep
 
     analysis = st.session_state.get(S.ANALYSIS)
     if analysis is None:

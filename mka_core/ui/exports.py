@@ -9,10 +9,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from ..errors import MkaInputError, ProgressFn
-from . import session
-from . import state as S
-from .resources import current_model
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.ui import session
+from mka_core.ui import state as S
+from mka_core.ui.resources import current_model
+from mka_core.workflows.pipeline import export_run as _export
 
 OUT_DTYPES = {"the source's": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -38,7 +39,6 @@ def export_run(
     out_dtype: str | None = None,
     progress: ProgressFn | None = None,
 ) -> Path:
-    from ..pipeline import export_run as _export
 
     out = resolve_folder(out_dir)
     runs = st.session_state.get(S.RUNS) or []
@@ -69,7 +69,7 @@ def export_run(
         progress=progress,
     )
     st.session_state.setdefault(S.EXPORTS, {})[run_index] = str(path)
-    session.save()
+    session.save_state()
     return path
 
 

@@ -3,22 +3,26 @@ session's plan (and its workspace copy), and the plan's mergekit YAML and file n
 
 from __future__ import annotations
 
+import json
+
 import streamlit as st
 
-from ..errors import MkaInputError, ProgressFn
-from . import session
-from . import state as S
-from .resources import current_model
+from mka_core.compression.plan import Plan, check_fingerprint
+from mka_core.compression.planners import ALPHA_RULES, PLANNER_HELP, PLANNERS
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.ui import guards, session
+from mka_core.ui import state as S
+from mka_core.ui.resources import current_model
+from mka_core.workflows import pipeline
+from mka_core.workflows.export import mergekit_yaml as _yaml
 
 
 def planners() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from ..planners import ALPHA_RULES, PLANNERS
 
     return PLANNERS, ALPHA_RULES
 
 
 def planner_help(name: str) -> str:
-    from ..planners import PLANNER_HELP
 
     return PLANNER_HELP.get(name, "")
 
@@ -42,9 +46,8 @@ def make_budget_plan(
     npib: str = "single",
     progress: ProgressFn | None = None,
 ):
-    from ..pipeline import make_budget_plan as _make
 
-    plan = _make(
+    plan = pipeline.make_budget_plan(
         current_model(),
         st.session_state[S.ANALYSIS],
         planner=planner,
@@ -62,9 +65,8 @@ def make_budget_plan(
 
 
 def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: float = 0.5):
-    from ..pipeline import make_manual_plan as _make
 
-    plan = _make(
+    plan = pipeline.make_manual_plan(
         current_model(),
         st.session_state.get(S.ANALYSIS),
         list(picks),
@@ -77,9 +79,6 @@ def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: f
 
 def import_plan(uploaded) -> tuple[object, str | None]:
     """A Plan from an uploaded JSON file, validated; plus a warning when it names another model."""
-    import json
-
-    from ..plan import Plan, check_fingerprint
 
     if uploaded is None:
         raise MkaInputError("no plan file uploaded")
@@ -112,12 +111,11 @@ def set_plan(plan, origin: str) -> None:
     st.session_state[S.PLAN] = plan
     st.session_state[S.PLAN_ORIGIN] = origin
     session.save_plan(plan)
-    S.sidebar_status()
+    guards.sidebar_status()
 
 
 def mergekit_yaml(plan) -> tuple[str | None, str | None]:
     """(yaml, None), or (None, why mergekit cannot express the plan)."""
-    from ..export import mergekit_yaml as _yaml
 
     try:
         return _yaml(plan), None

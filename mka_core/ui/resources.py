@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from ..errors import MkaInputError, ProgressFn
-from . import session
-from . import state as S
+from mka_core.analysis.manifold import project_2d
+from mka_core.analysis.similarity import matrix_csv as _csv
+from mka_core.data.corpus import is_mmlu_folder, parse_text
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.figures.manifold import PROJECTION_NAMES
+from mka_core.models.loading import load_model as _load
+from mka_core.models.loading import summarize
+from mka_core.ui import state as S
+from mka_core.workflows.pipeline import analyze
 
 MAX_MODELS = 3
 MAX_ANALYSES = 4
@@ -59,7 +65,6 @@ def _store() -> _Store:
 
 def _cached_model(source: str, device: str, dtype: str, seed: int, offload=None, progress=None):
     """The model for this exact (source, device, dtype, seed, offload), loaded once per server."""
-    from ..models import load_model as _load
 
     key = (source, device, dtype, seed, offload)
     loaded = _store().get("model", key)
@@ -68,52 +73,6 @@ def _cached_model(source: str, device: str, dtype: str, seed: int, offload=None,
             source, device=device, dtype=dtype, seed=seed, progress=progress, offload=offload
         )
         _store().put("model", key, loaded, MAX_MODELS)
-    return loaded
-
-
-def load_model(
-    source: str,
-    device: str = "auto",
-    dtype: str = "auto",
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-    offload=None,
-    save: bool = True,
-):
-    """Load (or fetch from the cache) a model and make it the session's model.
-
-    Loading a different model forgets the analysis, picks and plan made for the previous one
-    (they name its layers); the history of runs stays. Every loading failure is a one-line
-    MkaInputError (a garbage file included), never a traceback."""
-    spec = S.resolve_spec(source, device, dtype, seed, offload)
-    try:
-        loaded = _cached_model(
-            spec.source, spec.device, spec.dtype, spec.seed, spec.offload, progress=progress
-        )
-    except MkaInputError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise MkaInputError(
-            f"could not load {spec.source}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ) from None
-    if st.session_state.get(S.MODEL_SPEC) != spec:
-        for key in (
-            S.ANALYSIS,
-            S.ANALYSIS_INFO,
-            S.PAIR,
-            S.PLAN,
-            S.PLAN_ORIGIN,
-            S.W_PAIR_A,
-            S.W_PAIR_B,
-            S.PENDING_PAIR,
-        ):
-            st.session_state.pop(key, None)
-        st.session_state[S.PICKS] = []
-        st.session_state[S.CLICKS_SEEN] = {}
-        st.session_state[S.MODEL_SPEC] = spec
-    if save:
-        session.save()
-    S.sidebar_status()
     return loaded
 
 
@@ -130,7 +89,6 @@ def current_model():
 
 
 def model_summary(loaded):
-    from ..models import summarize
 
     return summarize(loaded)
 
@@ -160,7 +118,6 @@ def eval_defaults(loaded) -> dict:
 
 def calibration_from_upload(uploaded) -> tuple[list, str]:
     """Documents from an uploaded .txt/.jsonl, and a key naming its content for the cache."""
-    from ..data import parse_text
 
     if uploaded is None:
         raise MkaInputError("no file uploaded; choose a .txt or .jsonl file")
@@ -179,7 +136,6 @@ def calibration_from_upload(uploaded) -> tuple[list, str]:
 
 def calibration_from_folder(folder: str) -> tuple[str, str]:
     """An MMLU-format folder path, checked; the path doubles as the data argument and cache key."""
-    from ..data import is_mmlu_folder
 
     path = Path(folder.strip()).expanduser() if folder else None
     if not folder or not folder.strip():
@@ -192,7 +148,6 @@ def calibration_from_folder(folder: str) -> tuple[str, str]:
 
 
 def _cached_analysis(key: tuple, loaded, data, n_samples, max_tokens, pooling, seed, progress):
-    from ..pipeline import analyze
 
     analysis = _store().get("analysis", key)
     if analysis is None:
@@ -209,44 +164,6 @@ def _cached_analysis(key: tuple, loaded, data, n_samples, max_tokens, pooling, s
     return analysis
 
 
-def run_analysis(
-    data,
-    data_key: str,
-    n_samples: int,
-    max_tokens: int,
-    pooling: str = "mean",
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-):
-    """Capture activations of the session's model and compute every measure (cached, and kept
-    in the workspace so a reload does not capture again)."""
-    loaded = current_model()
-    if loaded is None:
-        raise MkaInputError("load a model first (Model page)")
-    spec = st.session_state[S.MODEL_SPEC]
-    key = (spec, data_key, int(n_samples), int(max_tokens), pooling, int(seed))
-    analysis = _cached_analysis(
-        key, loaded, data, int(n_samples), int(max_tokens), pooling, int(seed), progress
-    )
-    st.session_state[S.ANALYSIS] = analysis
-    kind = data_key.split(":")[0] if ":" in data_key else data_key
-    st.session_state[S.ANALYSIS_INFO] = {
-        "data": kind,
-        "data_key": data_key,
-        "data_arg": data if isinstance(data, str) else None,
-        "n_samples": int(n_samples),
-        "max_tokens": int(max_tokens),
-        "pooling": pooling,
-        "n_rows": analysis.activations.n_rows,
-    }
-    for k in (S.PAIR, S.W_PAIR_A, S.W_PAIR_B, S.PENDING_PAIR):
-        st.session_state.pop(k, None)
-    st.session_state[S.CLICKS_SEEN] = {}
-    session.save_analysis(analysis, docs=None if isinstance(data, str) else data)
-    S.sidebar_status()
-    return analysis
-
-
 def analysis_key() -> str:
     """A string naming the current analysis (for st.cache_data of things derived from it)."""
     spec = st.session_state.get(S.MODEL_SPEC)
@@ -255,7 +172,6 @@ def analysis_key() -> str:
 
 
 def matrix_csv(sim, measure: str) -> str:
-    from ..similarity import matrix_csv as _csv
 
     return _csv(sim.matrices[measure], sim.layers)
 
@@ -278,7 +194,6 @@ def similarity_zip(sim) -> bytes:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _projection(key: str, layer: int, method: str, _analysis=None) -> np.ndarray:
-    from ..manifold import project_2d
 
     if method == "diffusion":
         # the analysis already holds each layer's diffusion coordinates: show the first two
@@ -333,6 +248,5 @@ _projection_done: dict = {}
 
 
 def _name(method: str) -> str:
-    from ..figures import PROJECTION_NAMES
 
     return PROJECTION_NAMES[method]

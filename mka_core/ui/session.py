@@ -1,4 +1,4 @@
-"""The session's work kept in a workspace on disk (`mka_core.workspace`): bound through the page
+"""The session's work kept in a workspace on disk (`mka_core.workflows.workspace`): bound through the page
 URL (``?ws=name``), so a reload or a server restart resumes it; saved after every action.
 
 A session starts without a workspace and gets one on its first action (loading a model); the
@@ -12,9 +12,12 @@ import logging
 
 import streamlit as st
 
-from ..errors import MkaInputError
-from ..workspace import Workspace, new_name
-from . import state as S
+from mka_core.compression.heal import HealReport
+from mka_core.compression.transact import TransActReport
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.ui import state as S
+from mka_core.ui.resources import _cached_analysis, _cached_model, current_model
+from mka_core.workflows.workspace import Workspace, new_name
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def bind_workspace() -> None:
 def clear_session() -> None:
     for key in _SESSION_KEYS:
         st.session_state.pop(key, None)
-    S._init_state()
+    S.init_state()
 
 
 def new_workspace() -> Workspace:
@@ -105,7 +108,6 @@ def new_workspace() -> Workspace:
 def open_workspace(name: str) -> None:
     """Make `name` this session's workspace and restore what it holds (the model is loaded
     again from its spec; the analysis, plan and runs are read from their files)."""
-    from .resources import load_model
 
     ws = Workspace(name)
     state = ws.load_state()
@@ -164,8 +166,6 @@ def open_workspace(name: str) -> None:
 
 
 def _restore_reports(ws: Workspace, state: dict, n_runs: int) -> None:
-    from ..heal import HealReport
-    from ..transact import TransActReport
 
     t = state.get("transact")
     if t and t.get("run", n_runs) < n_runs:
@@ -179,7 +179,7 @@ def _restore_reports(ws: Workspace, state: dict, n_runs: int) -> None:
             st.session_state[S.HEAL] = {"run": h["run"], "from": h["from"], "report": rep}
 
 
-def save() -> None:
+def save_state() -> None:
     """Write the session's choices into its workspace's state.json."""
     ws = ensure()
     spec = st.session_state.get(S.MODEL_SPEC)
@@ -206,12 +206,12 @@ def save_analysis(analysis, docs=None) -> None:
     ws.save_analysis(analysis)
     if docs is not None:
         ws.save_documents(docs)
-    save()
+    save_state()
 
 
 def save_plan(plan) -> None:
     ensure().save_plan(plan)
-    save()
+    save_state()
 
 
 def save_run(index: int, run, report=None, kind: str | None = None) -> None:
@@ -219,8 +219,90 @@ def save_run(index: int, run, report=None, kind: str | None = None) -> None:
     ws.save_run(index, run)
     if report is not None and kind:
         ws.save_report(f"{kind}-{index + 1:04d}", report)
-    save()
+    save_state()
 
 
 def exports_dir():
     return ensure().exports_dir
+
+
+def load_model(
+    source: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    offload=None,
+    save: bool = True,
+):
+    """Load (or fetch from the cache) a model and make it the session's model.
+
+    Loading a different model forgets the analysis, picks and plan made for the previous one
+    (they name its layers); the history of runs stays. Every loading failure is a one-line
+    MkaInputError (a garbage file included), never a traceback."""
+    spec = S.resolve_spec(source, device, dtype, seed, offload)
+    try:
+        loaded = _cached_model(
+            spec.source, spec.device, spec.dtype, spec.seed, spec.offload, progress=progress
+        )
+    except MkaInputError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise MkaInputError(
+            f"could not load {spec.source}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if st.session_state.get(S.MODEL_SPEC) != spec:
+        for key in (
+            S.ANALYSIS,
+            S.ANALYSIS_INFO,
+            S.PAIR,
+            S.PLAN,
+            S.PLAN_ORIGIN,
+            S.W_PAIR_A,
+            S.W_PAIR_B,
+            S.PENDING_PAIR,
+        ):
+            st.session_state.pop(key, None)
+        st.session_state[S.PICKS] = []
+        st.session_state[S.CLICKS_SEEN] = {}
+        st.session_state[S.MODEL_SPEC] = spec
+    if save:
+        save_state()
+    return loaded
+
+
+def run_analysis(
+    data,
+    data_key: str,
+    n_samples: int,
+    max_tokens: int,
+    pooling: str = "mean",
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+):
+    """Capture activations of the session's model and compute every measure (cached, and kept
+    in the workspace so a reload does not capture again)."""
+    loaded = current_model()
+    if loaded is None:
+        raise MkaInputError("load a model first (Model page)")
+    spec = st.session_state[S.MODEL_SPEC]
+    key = (spec, data_key, int(n_samples), int(max_tokens), pooling, int(seed))
+    analysis = _cached_analysis(
+        key, loaded, data, int(n_samples), int(max_tokens), pooling, int(seed), progress
+    )
+    st.session_state[S.ANALYSIS] = analysis
+    kind = data_key.split(":")[0] if ":" in data_key else data_key
+    st.session_state[S.ANALYSIS_INFO] = {
+        "data": kind,
+        "data_key": data_key,
+        "data_arg": data if isinstance(data, str) else None,
+        "n_samples": int(n_samples),
+        "max_tokens": int(max_tokens),
+        "pooling": pooling,
+        "n_rows": analysis.activations.n_rows,
+    }
+    for k in (S.PAIR, S.W_PAIR_A, S.W_PAIR_B, S.PENDING_PAIR):
+        st.session_state.pop(k, None)
+    st.session_state[S.CLICKS_SEEN] = {}
+    save_analysis(analysis, docs=None if isinstance(data, str) else data)
+    return analysis

@@ -1,5 +1,4 @@
-"""Per-session state of the app: the session-state keys (spelled here once), the page scaffolding
-(page setup, sidebar, guards), and progress boxes that can be stopped.
+"""Per-session state of the app: the session-state keys (spelled here once), the model spec, and progress boxes that can be stopped.
 
 A long computation reports progress through `progress_status`, whose callback also stops the work
 when the user presses **Stop** (any click reruns the script, and Streamlit interrupts the running
@@ -15,8 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from ..errors import MkaInputError, ProgressFn
+from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.models.loading import pick_device, pick_dtype
 
 # ---------------------------------------------------------------------------------------------
 # session-state keys
@@ -98,7 +100,6 @@ def resolve_spec(
     source: str, device: str = "auto", dtype: str = "auto", seed: int = 0, offload=None
 ) -> ModelSpec:
     """Resolve "auto" device and dtype now, so the cache key says what really runs."""
-    from ..models import pick_device, pick_dtype
 
     if not isinstance(source, str) or not source.strip():
         raise MkaInputError("model source is empty; choose the bundled model or give a path or id")
@@ -111,29 +112,7 @@ def resolve_spec(
 # page scaffolding
 
 
-def page_setup(title: str, icon: str) -> None:
-    """Page config (wide layout), the session's workspace, the title and the sidebar status;
-    call first on every page. icon: a Material Symbols name such as ":material/hub:"."""
-    from .session import bind_workspace
-
-    st.set_page_config(page_title=f"{title} · MKA Studio", page_icon=icon, layout="wide")
-    _init_state()
-    bind_workspace()
-    st.session_state[SIDEBAR_SLOT] = st.sidebar.empty()
-    sidebar_status()
-    st.title(f"{icon} {title}")
-    note = st.session_state.pop(RESTORE_NOTE, None)
-    if note:
-        st.toast(note, icon=":material/restore:")
-    for key in [k for k in st.session_state if str(k).startswith("stop_")]:
-        if st.session_state.get(key) is True:  # this rerun was a click on a Stop button
-            st.warning(
-                f"Stopped: {key[len('stop_') :]}. Nothing of it was kept.",
-                icon=":material/stop_circle:",
-            )
-
-
-def _init_state() -> None:
+def init_state() -> None:
     for key, value in ((PICKS, []), (RUNS, []), (HISTORY, []), (CLICKS_SEEN, {}), (EXPORTS, {})):
         if key not in st.session_state:
             st.session_state[key] = value
@@ -145,116 +124,12 @@ def explain(text: str) -> None:
         st.markdown(text)
 
 
-def state_steps() -> list[tuple[str, bool, str]]:
-    """(step, done, detail) for the stages of the flow, for the home page and the sidebar."""
-    spec = st.session_state.get(MODEL_SPEC)
-    info = st.session_state.get(ANALYSIS_INFO)
-    plan = st.session_state.get(PLAN)
-    history = st.session_state.get(HISTORY, [])
-    picks = st.session_state.get(PICKS) or []
-    if plan is not None:
-        plan_text = (
-            f"{plan.model.num_layers} → {plan.n_layers_out} layers "
-            f"({st.session_state.get(PLAN_ORIGIN, '')})"
-        )
-    elif picks:
-        plan_text = f"{len(picks)} pick{'s' if len(picks) != 1 else ''}, no plan made yet"
-    else:
-        plan_text = "none yet"
-    return [
-        (
-            "Model",
-            spec is not None,
-            f"{spec.source} on {spec.device} ({spec.dtype})" if spec else "not loaded",
-        ),
-        (
-            "Activations",
-            info is not None,
-            f"{info['n_samples']} samples × {info['max_tokens']} tokens, {info['data']}"
-            if info
-            else "not captured",
-        ),
-        ("Plan", plan is not None, plan_text),
-        (
-            "Results",
-            bool(history),
-            f"{len(history)} run(s) in this workspace" if history else "no runs yet",
-        ),
-    ]
-
-
-def sidebar_status() -> None:
-    """(Re)draw the session's progress in the sidebar; called again whenever a step completes,
-    so the sidebar never lags behind the page."""
-    slot = st.session_state.get(SIDEBAR_SLOT)
-    if slot is None:
-        return
-    with slot.container():
-        ws = st.session_state.get(WORKSPACE)
-        st.markdown(f"**Workspace** `{ws}`" if ws else "**This session**")
-        for name, done, detail in state_steps():
-            icon = f":green[{DONE_ICON}]" if done else f":gray[{TODO_ICON}]"
-            st.caption(f"{icon} **{name}**: {detail}")
-
-
-def _stop_with_link(message: str, page: str, name: str) -> None:
-    """What a page cannot do yet: say so, link the page that does it first, and st.stop()."""
-    st.info(message)
-    st.page_link(page, label=f"Go to the {name} page", icon=":material/arrow_forward:")
-    st.stop()
-
-
-def require_model():
-    """The loaded model, or a pointer to the Model page and st.stop()."""
-    from .resources import current_model
-
-    loaded = current_model()
-    if loaded is None:
-        _stop_with_link(
-            "No model loaded yet. Start on the **Model** page (or the home page's one-click start).",
-            "pages/1_Model.py",
-            "Model",
-        )
-    return loaded
-
-
-def require_analysis():
-    """The current analysis, or a pointer to the Similarity page and st.stop()."""
-    require_model()
-    analysis = st.session_state.get(ANALYSIS)
-    if analysis is None:
-        _stop_with_link(
-            "No activations captured yet. Capture them on the **Similarity** page first.",
-            "pages/2_Similarity.py",
-            "Similarity",
-        )
-    return analysis
-
-
-def require_plan():
-    """The current plan, or a pointer to the Plan page and st.stop()."""
-    require_model()
-    plan = st.session_state.get(PLAN)
-    if plan is None:
-        _stop_with_link(
-            "No plan yet. Make one on the **Plan** page (a budget, manual picks or a file).",
-            "pages/4_Plan.py",
-            "Plan",
-        )
-    return plan
-
-
 # ---------------------------------------------------------------------------------------------
 # progress that can be stopped
 
 
 def _session_alive() -> bool:
     """False once this script run's browser session has disconnected (a reload, a closed tab)."""
-    try:
-        from streamlit.runtime import Runtime
-        from streamlit.runtime.scriptrunner import get_script_run_ctx
-    except ImportError:  # pragma: no cover - other Streamlit versions
-        return True
     ctx = get_script_run_ctx()
     if ctx is None or not Runtime.exists():
         return True  # AppTest and bare scripts run without a server

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ..errors import MkaInputError
-from ..tables import before_after_table, fmt_mb, fmt_num, fmt_params, fmt_pct
-from . import actions, exports, session
-from . import state as S
-from .resources import eval_defaults
+from mka_core.errors import MkaInputError
+from mka_core.evaluation.generation import DEFAULT_PROMPTS
+from mka_core.figures.runs import before_after_figure
+from mka_core.figures.tables import before_after_table, fmt_mb, fmt_num, fmt_params, fmt_pct
+from mka_core.ui import actions, exports, guards, session
+from mka_core.ui import state as S
+from mka_core.ui.resources import eval_defaults
 
 
 def heatmap_chart_key(measure: str) -> str:
@@ -41,7 +43,7 @@ def absorb_heatmap_clicks() -> tuple[int, int] | None:
         st.session_state[S.PAIR] = (a, b)
         if b - a > 1:
             st.session_state[S.PENDING_PAIR] = (a, b)
-        session.save()
+        session.save_state()
     return st.session_state.get(S.PAIR)
 
 
@@ -79,7 +81,7 @@ def set_pair(a: int, b: int) -> None:
     pair = (min(a, b), max(a, b))
     if st.session_state.get(S.PAIR) != pair:
         st.session_state[S.PAIR] = pair
-        session.save()
+        session.save_state()
 
 
 def pending_pair_choice(sim) -> None:
@@ -136,8 +138,8 @@ def add_pick(pick: dict) -> None:
     if pick in picks:
         raise MkaInputError(f"{describe_pick(pick)} is already in the list")
     picks.append(pick)
-    session.save()
-    S.sidebar_status()
+    session.save_state()
+    guards.sidebar_status()
 
 
 def describe_pick(pick: dict) -> str:
@@ -156,12 +158,12 @@ def remove_pick(index: int) -> None:
     picks = st.session_state.setdefault(S.PICKS, [])
     if 0 <= index < len(picks):
         picks.pop(index)
-    session.save()
+    session.save_state()
 
 
 def clear_picks() -> None:
     st.session_state[S.PICKS] = []
-    session.save()
+    session.save_state()
 
 
 def stability_note(container, stability, measure: str) -> None:
@@ -244,8 +246,6 @@ def estimate_caption(settings) -> None:
 def before_after_section(run, key: str = "") -> None:
     """A run's before/after table and chart, four headline metrics and the generations (each
     under its prompt)."""
-    from ..evaluate import DEFAULT_PROMPTS
-    from ..figures import before_after_figure
 
     c1, c2 = st.columns([3, 2])
     with c1:

@@ -1,0 +1,186 @@
+"""Healing: a short fine-tune of a compressed model on the calibration text.
+
+After merging layers (MKA) or pruning inside them (TransAct) the remaining weights no longer quite
+fit together; a few dozen to a few hundred AdamW steps of plain causal-LM training on the calibration
+samples recover much of the loss. All parameters train, in fp32 (master weights), on the model's
+device; the model comes back in its original dtype, in eval mode, frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mka_core.data.corpus import CalibrationBatch
+from mka_core.errors import MkaInputError, ProgressFn, report
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mka-heal-report"
+VERSION = 1
+MAX_STEPS = 2000
+MIN_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
+WEIGHT_DECAY = 0.0  # a few hundred steps at most: nothing to regularise, don't shrink weights
+CLIP_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class HealReport:
+    """The training loss of every step of a heal, and how it was run."""
+
+    losses: list[float] = field(default_factory=list)  # (steps,) mean token loss per step
+    steps: int = 0
+    lr: float = 0.0
+    batch_size: int = 0
+    seed: int = 0
+    seconds: float = 0.0
+    n_params: int = 0  # trained parameters
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HealReport:
+        if d.get("format") != FORMAT:
+            raise MkaInputError(
+                f"not a heal report: format is {d.get('format')!r}, expected {FORMAT}"
+            )
+        if d.get("version") != VERSION:
+            raise MkaInputError(f"unsupported heal report version {d.get('version')!r}")
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def first_loss(self) -> float:
+        """Mean of the first five steps' losses (one step is noisy)."""
+        head = self.losses[:5]
+        return sum(head) / len(head) if head else float("nan")
+
+    @property
+    def last_loss(self) -> float:
+        """Mean of the last five steps' losses."""
+        tail = self.losses[-5:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Cosine decay from `lr` at step 0 to MIN_LR_FRACTION * lr at the last step."""
+    if steps <= 1:
+        return lr
+    cos = 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * cos)
+
+
+def _check(steps, lr, batch_size, batch) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise MkaInputError(f"heal steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    if not 1 <= int(steps) <= MAX_STEPS:
+        raise MkaInputError(f"heal steps must be from 1 to {MAX_STEPS}, got {steps}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise MkaInputError(f"learning rate must be a positive number, got {lr!r}")
+    if not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise MkaInputError(f"learning rate must be a positive number, got {lr!r}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise MkaInputError(f"heal batch size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(batch, CalibrationBatch) or batch.n_samples < 1:
+        raise MkaInputError("heal needs a non-empty CalibrationBatch of training text")
+    if int((batch.attention_mask.sum(dim=1) >= 2).sum()) == 0:
+        raise MkaInputError("heal needs samples of at least 2 tokens (nothing to predict)")
+
+
+def heal(
+    model: nn.Module,
+    tokenizer,
+    batch: CalibrationBatch,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    inplace: bool = False,
+    seed: int = 0,
+) -> tuple[nn.Module, HealReport]:
+    """Fine-tune `model` on `batch` for `steps` AdamW steps; return it (a copy unless `inplace`).
+
+    Each step trains on `batch_size` samples drawn at random (seeded) from the batch, with causal-LM
+    loss on real tokens only (padding labelled -100). Gradients are clipped to norm 1.0 and the
+    learning rate follows a cosine from `lr` down to a tenth of it. `tokenizer` is not needed (the
+    batch is already tokenised) and may be None.
+    """
+    _check(steps, lr, batch_size, batch)
+    steps, lr, batch_size = int(steps), float(lr), int(batch_size)
+    t_start = time.perf_counter()
+    out = model if inplace else copy.deepcopy(model)
+    param = next(out.parameters())
+    device, dtype = param.device, param.dtype
+
+    # only samples with something to predict
+    lengths = batch.attention_mask.sum(dim=1)  # (n_samples,)
+    usable = torch.nonzero(lengths >= 2).flatten()
+    gen = torch.Generator().manual_seed(int(seed))
+
+    out.to(torch.float32)
+    out.train()
+    out.requires_grad_(True)
+    params = [p for p in out.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    losses: list[float] = []
+    report(progress, 0.0, f"healing: {steps} steps at lr {lr:g}")
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(int(seed))  # dropout, where a model has any
+            for step in range(steps):
+                pick = usable[
+                    torch.randint(len(usable), (min(batch_size, len(usable)),), generator=gen)
+                ]
+                width = int(lengths[pick].max())
+                ids = batch.input_ids[pick, :width].to(device)  # (B, T)
+                mask = batch.attention_mask[pick, :width].to(device)  # (B, T)
+                labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, steps, lr)
+                loss = out(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise MkaInputError(
+                        f"healing diverged at step {step + 1} (loss {loss.item()}); lower the "
+                        f"learning rate (now {lr:g})"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+                opt.step()
+                losses.append(float(loss.detach()))
+                report(
+                    progress,
+                    (step + 1) / steps,
+                    f"step {step + 1}/{steps}: loss {losses[-1]:.3f}",
+                )
+    finally:
+        opt.zero_grad(set_to_none=True)
+        out.eval()
+        out.requires_grad_(False)
+        out.to(dtype)
+
+    rep = HealReport(
+        losses=losses,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=int(seed),
+        seconds=round(time.perf_counter() - t_start, 3),
+        n_params=n_params,
+    )
+    log.info("healed %d steps: loss %.3f -> %.3f", steps, rep.first_loss, rep.last_loss)
+    return out, rep

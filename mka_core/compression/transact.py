@@ -1,0 +1,515 @@
+"""TransAct: structured pruning inside the modules of every block (Shen et al. 2024, TransAct).
+
+The hidden size and the number of layers stay; what shrinks is the MLP's intermediate width and the
+number of attention heads (Shen et al. 2024, "Search for Efficient LLMs", arXiv 2407.05690).
+
+Scores come from one forward pass over the calibration batch, with pre-hooks on the two projections
+that read the units out of the residual stream:
+
+- MLP neuron ``j`` of layer ``l``: the L2 norm, over every real calibration token, of input ``j`` of
+  ``mlp.down_proj`` (that is ``act(gate(x)) * up(x)``).
+- Query head ``h``: the L2 norm of its ``head_dim`` slice of the input of ``self_attn.o_proj``.
+
+A unit whose activation is small everywhere contributes little to the residual, so it goes first.
+Every layer keeps the same sizes, so the result is a standard config that plain transformers loads.
+
+Grouped-query attention: query heads come in ``n_kv_heads`` groups of ``n_heads // n_kv_heads``
+consecutive heads that share one KV head. The kept head counts follow one chain of valid shapes:
+
+1. while at least one query head per group is asked for, every KV group stays and keeps its top
+   ``p`` query heads (the same ``p`` everywhere): ``n_heads = n_kv_heads * p``;
+2. below one head per group, whole KV groups go: a group's score is the sum of its heads' scores,
+   the top ``g`` groups stay with their best head each: ``n_heads = n_kv_heads = g``.
+
+A requested count between two shapes of the chain is rounded *up* to the next one (keep at least
+what was asked), skipping head counts that do not divide ``hidden_size`` (transformers' configs
+refuse those when saving). Pruning is iterative: ``shots`` rounds on a linear ramp from the current
+sizes to the target, re-scoring the partly pruned model before each round.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from mka_core.data.corpus import CalibrationBatch
+from mka_core.engine.layerpass import LayerPass, as_stack
+from mka_core.errors import MkaInputError, ProgressFn, report
+from mka_core.models.loading import count_params, get_layers
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mka-transact-report"
+VERSION = 1
+_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TransActScores:
+    """Unit scores of one scoring pass (higher = more important)."""
+
+    mlp: np.ndarray  # (n_layers, intermediate_size) float32
+    heads: np.ndarray  # (n_layers, n_heads) float32
+
+
+@dataclass(frozen=True)
+class TransActReport:
+    """What a prune did: sizes before/after, the schedule, and the scores for plotting."""
+
+    original_intermediate_size: int
+    new_intermediate_size: int
+    original_n_heads: int
+    new_n_heads: int
+    original_n_kv_heads: int
+    new_n_kv_heads: int
+    head_dim: int
+    params_before: int
+    params_after: int
+    # one dict per shot: intermediate_size, n_heads, n_kv_heads (after the shot), seconds
+    shots: list[dict] = field(default_factory=list)
+    # the scores of the last scoring pass, (n_layers, units at that time), and the original index
+    # of every unit scored there, so a plot can place them on the unpruned axis
+    mlp_scores: list[list[float]] = field(default_factory=list)
+    mlp_scores_index: list[list[int]] = field(default_factory=list)
+    head_scores: list[list[float]] = field(default_factory=list)
+    head_scores_index: list[list[int]] = field(default_factory=list)
+    # original indices of the units that survived, per layer: (n_layers, new size)
+    mlp_kept: list[list[int]] = field(default_factory=list)
+    heads_kept: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransActReport:
+        if d.get("format") != FORMAT:
+            raise MkaInputError(
+                f"not a TransAct report: format is {d.get('format')!r}, expected {FORMAT}"
+            )
+        if d.get("version") != VERSION:
+            raise MkaInputError(f"unsupported TransAct report version {d.get('version')!r}")
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def param_reduction(self) -> float:
+        """Fraction of the parameters removed."""
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+
+
+@dataclass(frozen=True)
+class _Shape:
+    intermediate: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        return self.n_heads // self.n_kv
+
+
+def _first_block(model) -> nn.Module:
+    """Block 0 of a model in memory, or of a streamed model's (empty) skeleton."""
+    if isinstance(model, nn.Module):
+        return get_layers(model)[0]
+    return model.skeleton.model.layers[0]
+
+
+def _check_supported(model) -> None:
+    layers = [_first_block(model)]
+    for name, mod, projs in (
+        ("self_attn", layers[0].self_attn, _ATTN_PROJ),
+        ("mlp", layers[0].mlp, _MLP_PROJ),
+    ):
+        missing = [p for p in projs if not isinstance(getattr(mod, p, None), nn.Linear)]
+        if missing:
+            raise MkaInputError(
+                f"TransAct needs separate {', '.join(projs)} in {name} "
+                f"({type(mod).__name__} has no {', '.join(missing)}); fused projections "
+                f"(e.g. Phi-3) are not supported"
+            )
+
+
+def _shape(model) -> _Shape:
+    cfg = model.config
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    o_in = (
+        get_layers(model)[0].self_attn.o_proj.in_features
+        if isinstance(model, nn.Module)
+        else n_heads * head_dim  # a streamed model's shapes come from its recipe, checked on use
+    )
+    if o_in != n_heads * head_dim or n_heads % n_kv:
+        raise MkaInputError(
+            f"config does not match the weights: {n_heads} heads x {head_dim} head_dim over {n_kv} "
+            f"KV heads, but o_proj takes {o_in} inputs"
+        )
+    return _Shape(int(cfg.intermediate_size), n_heads, n_kv, head_dim)
+
+
+def _head_chain(shape: _Shape, d_model: int) -> list[tuple[int, int]]:
+    """Valid (kept KV groups, query heads per group) from small to large (see module docstring)."""
+    chain = [(g, 1) for g in range(1, shape.n_kv)]
+    chain += [(shape.n_kv, p) for p in range(1, shape.per_group + 1)]
+    if d_model % shape.n_heads == 0:  # the config class may insist; stay loadable
+        chain = [(g, p) for g, p in chain if d_model % (g * p) == 0]
+    return chain
+
+
+def _snap_heads(chain: list[tuple[int, int]], target: int) -> tuple[int, int]:
+    """The smallest valid shape with at least `target` query heads."""
+    for g, p in chain:
+        if g * p >= target:
+            return g, p
+    return chain[-1]
+
+
+def _resolve_keep(value, total: int, what: str) -> int:
+    """A ratio in (0, 1] or an absolute count (int > 1) as a count in [1, total]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MkaInputError(f"{what} must be a ratio in (0, 1] or a count (int > 1), got {value!r}")
+    if isinstance(value, numbers.Integral) and int(value) != 1:
+        n = int(value)
+        if n < 1:
+            raise MkaInputError(f"{what} must be positive, got {n}")
+        if n > total:
+            raise MkaInputError(f"{what} = {n} is larger than the model's {total}")
+        return n
+    x = float(value)
+    if not math.isfinite(x) or x <= 0 or x > 1:
+        raise MkaInputError(
+            f"{what} ratio must be in (0, 1], got {value!r} (use an int for an absolute count)"
+        )
+    return max(1, round(x * total))
+
+
+def target_shape(model: nn.Module, mlp_keep=1.0, heads_keep=1.0) -> dict:
+    """The sizes `prune` would reach, without pruning: original and kept intermediate size,
+    query heads and KV heads, and query heads per kept KV group (see the module docstring)."""
+    shape = _shape(model)
+    inter = _resolve_keep(mlp_keep, shape.intermediate, "mlp_keep")
+    g, p = _snap_heads(
+        _head_chain(shape, int(model.config.hidden_size)),
+        _resolve_keep(heads_keep, shape.n_heads, "heads_keep"),
+    )
+    return {
+        "intermediate": (shape.intermediate, inter),
+        "n_heads": (shape.n_heads, g * p),
+        "n_kv_heads": (shape.n_kv, g),
+        "per_group": p,
+        "head_dim": shape.head_dim,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransActScores:
+    """Score every MLP neuron and query head of `model` (in memory or streamed) in one pass over
+    the calibration batch, block by block."""
+
+    if not isinstance(batch, CalibrationBatch) or batch.n_samples < 1:
+        raise MkaInputError("calibration batch is empty or not a CalibrationBatch")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MkaInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    _check_supported(model)
+    shape = _shape(model)
+    stack = as_stack(model)
+    n_layers = stack.n_layers
+    # sums of squares, accumulated on the device in fp32
+    mlp_sq = torch.zeros(n_layers, shape.intermediate, device=stack.device)  # (n_layers, I)
+    head_sq = torch.zeros(n_layers, shape.n_heads, device=stack.device)  # (n_layers, n_heads)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    lp = LayerPass.start(stack, batch.input_ids, batch.attention_mask, batch_size=batch_size)
+
+    def mask() -> torch.Tensor:  # (B, T, 1) of the batch being run: padding tokens add nothing
+        b = lp.batches[lp.current]
+        m = b.mask if b.mask is not None else torch.ones_like(b.ids)
+        return m.unsqueeze(-1).float()
+
+    def hooks(j: int, block: nn.Module) -> list:
+        def mlp_hook(module, args):
+            x = args[0].float()  # (B, T, I)
+            mlp_sq[j] += (x.square() * mask()).sum(dim=(0, 1))
+
+        def head_hook(module, args):
+            x = args[0].float()  # (B, T, n_heads * head_dim)
+            x = x.view(*x.shape[:-1], shape.n_heads, shape.head_dim)  # (B, T, nh, hd)
+            head_sq[j] += (x.square() * mask().unsqueeze(-1)).sum(dim=(0, 1, 3))
+
+        return [
+            block.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+            block.self_attn.o_proj.register_forward_pre_hook(head_hook),
+        ]
+
+    try:
+        lp.run(hooks=hooks)
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return TransActScores(
+        mlp=mlp_sq.sqrt().cpu().numpy().astype(np.float32),
+        heads=head_sq.sqrt().cpu().numpy().astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# slicing
+
+
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
+    """Keep rows (dim 0: outputs, and the bias) or columns (dim 1: inputs) `idx` of `lin`, in place."""
+    idx = idx.to(lin.weight.device)
+    w = lin.weight.data.index_select(dim, idx).contiguous()
+    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    if dim == 0:
+        lin.out_features = w.shape[0]
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(
+                lin.bias.data.index_select(0, idx).contiguous(),
+                requires_grad=lin.bias.requires_grad,
+            )
+    else:
+        lin.in_features = w.shape[1]
+
+
+def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of whole units of `size` rows: unit u covers rows u*size .. u*size + size - 1."""
+    return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
+def _prune_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
+    _slice_linear(mlp.gate_proj, keep, 0)
+    _slice_linear(mlp.up_proj, keep, 0)
+    _slice_linear(mlp.down_proj, keep, 1)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
+def _choose_heads(scores: np.ndarray, shape: _Shape, g_new: int, p_new: int) -> tuple[list, list]:
+    """Which KV groups and which query heads (current indices, sorted) survive in one layer."""
+    per = scores.reshape(shape.n_kv, shape.per_group)  # (n_kv, per_group)
+    groups = np.arange(shape.n_kv)
+    if g_new < shape.n_kv:
+        # whole groups go: a group is worth the sum of its heads (stable sort: ties keep order)
+        order = np.argsort(-per.sum(axis=1), kind="stable")
+        groups = np.sort(order[:g_new])
+    heads = []
+    for g in groups:
+        top = np.sort(np.argsort(-per[g], kind="stable")[:p_new])
+        heads.extend(int(g) * shape.per_group + int(h) for h in top)
+    return [int(g) for g in groups], heads
+
+
+def _prune_attention(attn: nn.Module, shape: _Shape, groups: list, heads: list, p_new: int) -> None:
+    hd = shape.head_dim
+    head_rows = _unit_rows(torch.as_tensor(heads, dtype=torch.long), hd)
+    _slice_linear(attn.q_proj, head_rows, 0)
+    _slice_linear(attn.o_proj, head_rows, 1)
+    if len(groups) < shape.n_kv:
+        kv_rows = _unit_rows(torch.as_tensor(groups, dtype=torch.long), hd)
+        _slice_linear(attn.k_proj, kv_rows, 0)
+        _slice_linear(attn.v_proj, kv_rows, 0)
+    # what the attention forward reads (transformers 5 reshapes with -1 and head_dim, and repeats
+    # KV heads num_key_value_groups times); older or other classes may also keep head counts
+    attn.head_dim = hd
+    attn.num_key_value_groups = p_new
+    for name, value in (
+        ("num_heads", len(heads)),
+        ("num_attention_heads", len(heads)),
+        ("num_key_value_heads", len(groups)),
+    ):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def _config_sizes(shape: _Shape) -> dict:
+    return {
+        "intermediate_size": shape.intermediate,
+        "num_attention_heads": shape.n_heads,
+        "num_key_value_heads": shape.n_kv,
+        "head_dim": shape.head_dim,  # explicit: it no longer equals hidden_size // n_heads
+    }
+
+
+def _set_config(model: nn.Module, shape: _Shape) -> None:
+    cfg = model.config
+    for key, value in _config_sizes(shape).items():
+        setattr(cfg, key, value)
+    for layer in get_layers(model):  # blocks normally share the model's config; be sure
+        for mod in (layer.self_attn, layer.mlp):
+            if getattr(mod, "config", cfg) is not cfg:
+                mod.config.intermediate_size = shape.intermediate
+                mod.config.num_attention_heads = shape.n_heads
+                mod.config.num_key_value_heads = shape.n_kv
+                mod.config.head_dim = shape.head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def prune(
+    model,
+    batch: CalibrationBatch,
+    mlp_keep: float = 1.0,
+    heads_keep: float = 1.0,
+    shots: int = 4,
+    progress: ProgressFn | None = None,
+    inplace: bool = False,
+    batch_size: int = 16,
+) -> tuple[nn.Module, TransActReport]:
+    """Prune MLP neurons and query heads of every block to the kept sizes (see module docstring).
+
+    mlp_keep / heads_keep: a ratio in (0, 1] of the model's current intermediate size / query heads,
+    or an absolute count (an int > 1; ``1`` means the ratio 1.0, keep all). Returns the pruned model
+    (a deep copy unless `inplace`) and a TransActReport. A streamed model (`engine.Stack`) gives a
+    streamed result: the kept units are recorded in its recipe and cut when a block is built.
+    """
+    t_start = time.perf_counter()
+    _check_supported(model)
+    shape0 = _shape(model)
+    streamed = not isinstance(model, nn.Module)
+    if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or not 1 <= shots <= 64:
+        raise MkaInputError(f"shots must be an integer from 1 to 64, got {shots!r}")
+    shots = int(shots)
+    if not isinstance(batch, CalibrationBatch) or batch.n_samples < 1 or batch.n_tokens < 1:
+        raise MkaInputError("calibration batch is empty or not a CalibrationBatch")
+    mlp_target = _resolve_keep(mlp_keep, shape0.intermediate, "mlp_keep")
+    head_target = _resolve_keep(heads_keep, shape0.n_heads, "heads_keep")
+    d_model = int(model.config.hidden_size)
+    chain = _head_chain(shape0, d_model)
+    g_target, p_target = _snap_heads(chain, head_target)
+    if g_target * p_target != head_target:
+        log.info(
+            "heads_keep %s -> %d query heads: rounded up to %d (%d KV groups x %d)",
+            heads_keep,
+            head_target,
+            g_target * p_target,
+            g_target,
+            p_target,
+        )
+
+    # the schedule: a linear ramp from the current sizes to the target, snapped to valid shapes
+    plan = []
+    for s in range(1, shots + 1):
+        inter = round(shape0.intermediate + (mlp_target - shape0.intermediate) * s / shots)
+        n_h = round(shape0.n_heads + (g_target * p_target - shape0.n_heads) * s / shots)
+        g, p = _snap_heads(chain, n_h)
+        plan.append((inter, g, p))
+    plan[-1] = (mlp_target, g_target, p_target)
+
+    params_before = count_params(model)
+    out = model if inplace or streamed else copy.deepcopy(model)
+    layers = None if streamed else get_layers(out)
+    n_layers = out.n_layers if streamed else len(layers)
+    # original indices of the units still present, per layer
+    mlp_index = [np.arange(shape0.intermediate) for _ in range(n_layers)]
+    head_index = [np.arange(shape0.n_heads) for _ in range(n_layers)]
+    shape = shape0
+    scores: TransActScores | None = None
+    last_index = (mlp_index, head_index)
+    shot_log = []
+
+    for s, (inter, g_new, p_new) in enumerate(plan):
+        t0 = time.perf_counter()
+        changes_mlp = inter < shape.intermediate
+        changes_heads = (g_new, p_new) != (shape.n_kv, shape.per_group)
+        if changes_mlp or changes_heads or (scores is None and s == shots - 1):
+            report(progress, s / shots, f"shot {s + 1}/{shots}: scoring")
+            scores = score_units(out, batch, batch_size=batch_size)
+            last_index = ([a.copy() for a in mlp_index], [a.copy() for a in head_index])
+        if changes_mlp or changes_heads:
+            selections = []
+            for i in range(n_layers):
+                sel = {}
+                if changes_mlp:
+                    top = np.sort(np.argsort(-scores.mlp[i], kind="stable")[:inter])
+                    sel["mlp"] = torch.as_tensor(top, dtype=torch.long)
+                    mlp_index[i] = mlp_index[i][top]
+                if changes_heads:
+                    groups, heads = _choose_heads(scores.heads[i], shape, g_new, p_new)
+                    sel["heads"] = torch.as_tensor(heads, dtype=torch.long)
+                    if len(groups) < shape.n_kv:
+                        sel["kv"] = torch.as_tensor(groups, dtype=torch.long)
+                    head_index[i] = head_index[i][heads]
+                if not streamed:
+                    layer = layers[i]
+                    if "mlp" in sel:
+                        _prune_mlp(layer.mlp, sel["mlp"])
+                    if changes_heads:
+                        _prune_attention(layer.self_attn, shape, groups, heads, p_new)
+                selections.append(sel)
+            shape = _Shape(inter, g_new * p_new, g_new, shape.head_dim)
+            if streamed:
+                out = out.prune(selections, _config_sizes(shape))
+            else:
+                _set_config(out, shape)
+        shot_log.append(
+            {
+                "intermediate_size": shape.intermediate,
+                "n_heads": shape.n_heads,
+                "n_kv_heads": shape.n_kv,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        report(
+            progress,
+            (s + 1) / shots,
+            f"shot {s + 1}/{shots}: intermediate {shape.intermediate}, "
+            f"{shape.n_heads} heads over {shape.n_kv} KV heads",
+        )
+    if not streamed:
+        _set_config(out, shape)  # head_dim explicit even when nothing changed
+        assert get_layers(out)[0].self_attn.o_proj.in_features == shape.n_heads * shape.head_dim
+
+    rep = TransActReport(
+        original_intermediate_size=shape0.intermediate,
+        new_intermediate_size=shape.intermediate,
+        original_n_heads=shape0.n_heads,
+        new_n_heads=shape.n_heads,
+        original_n_kv_heads=shape0.n_kv,
+        new_n_kv_heads=shape.n_kv,
+        head_dim=shape.head_dim,
+        params_before=params_before,
+        params_after=count_params(out),
+        shots=shot_log,
+        mlp_scores=scores.mlp.tolist(),
+        mlp_scores_index=[a.tolist() for a in last_index[0]],
+        head_scores=scores.heads.tolist(),
+        head_scores_index=[a.tolist() for a in last_index[1]],
+        mlp_kept=[a.tolist() for a in mlp_index],
+        heads_kept=[a.tolist() for a in head_index],
+        seconds=round(time.perf_counter() - t_start, 3),
+    )
+    log.info(
+        "TransAct: intermediate %d -> %d, heads %d/%d -> %d/%d, params %d -> %d",
+        shape0.intermediate,
+        shape.intermediate,
+        shape0.n_heads,
+        shape0.n_kv,
+        shape.n_heads,
+        shape.n_kv,
+        rep.params_before,
+        rep.params_after,
+    )
+    return out, rep

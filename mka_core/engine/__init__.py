@@ -1,0 +1,1 @@
+"""The layer-by-layer engine: safetensors stores read lazily and written shard by shard, recipes (what each output tensor is made of), and the pass that runs a model block by block, in memory or streamed from disk."""

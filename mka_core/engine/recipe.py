@@ -1,0 +1,303 @@
+"""What every tensor of a compressed model is made of, as data (the plan → executor split of
+mergekit, one level down: a plan says which layers; a recipe says which tensors).
+
+Output block ``j`` of a recipe is a weighted sum of *terms*, each a block of the base model with
+optional TransAct selections (kept MLP neurons, kept query heads, kept KV groups):
+
+    θ_j = Σ_k w_k · select_k(θ_{layer_k})
+
+Merging is a weighted sum and pruning is an index selection, and both are linear, so this form is
+closed under both: a merge of pruned layers concatenates their terms, a prune of a merged layer
+narrows every term. Nothing is computed until a tensor is asked for; then it is computed alone, in
+float32 when it mixes several sources, and cast to the requested dtype. The same recipe feeds the
+layer-by-layer engine (one block at a time) and the shard writer (one tensor at a time), so a model
+evaluated in memory and the folder exported from disk are the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from mka_core.engine.weights import TensorInfo, TensorStore
+from mka_core.errors import MkaInputError
+
+LAYER_PREFIX = "model.layers."
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# which dimension of which block tensor a TransAct selection narrows
+SELECTED_DIMS = {
+    "mlp.gate_proj.weight": (0, "mlp"),
+    "mlp.gate_proj.bias": (0, "mlp"),
+    "mlp.up_proj.weight": (0, "mlp"),
+    "mlp.up_proj.bias": (0, "mlp"),
+    "mlp.down_proj.weight": (1, "mlp"),
+    "self_attn.q_proj.weight": (0, "heads"),
+    "self_attn.q_proj.bias": (0, "heads"),
+    "self_attn.o_proj.weight": (1, "heads"),
+    "self_attn.k_proj.weight": (0, "kv"),
+    "self_attn.k_proj.bias": (0, "kv"),
+    "self_attn.v_proj.weight": (0, "kv"),
+    "self_attn.v_proj.bias": (0, "kv"),
+}
+
+# list-valued config fields that are never per-layer, even when their length happens to match
+_NOT_PER_LAYER = {
+    "architectures",
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "suppress_tokens",
+    "forced_decoder_ids",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+}
+
+
+def update_layer_config(config, first_sources: list[int], n_old: int) -> None:
+    """Set the layer count and keep, of each per-layer list, each output layer's first source."""
+    config.num_hidden_layers = len(first_sources)
+    for key, value in list(vars(config).items()):
+        if key.startswith("_") or key in _NOT_PER_LAYER:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n_old:
+            setattr(config, key, type(value)([value[i] for i in first_sources]))
+
+
+@torch.no_grad()
+def weighted_sum(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_k · parts[k] in float32 (a composition's weights sum to 1: identical parts give the
+    first part back exactly, without rounding)."""
+    if all(torch.equal(parts[0], p) for p in parts[1:]):
+        return parts[0]
+    if not parts[0].is_floating_point():
+        return parts[0]  # integer buffers cannot be averaged; all blocks carry the same ones
+    acc = parts[0].float() * weights[0]
+    for part, w in zip(parts[1:], weights[1:], strict=True):
+        acc.add_(part.float(), alpha=w)
+    return acc
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One base block in an output block: its weight and its TransAct selections (None: all)."""
+
+    layer: int
+    weight: float
+    mlp: torch.Tensor | None = None  # kept intermediate neurons, base indices
+    heads: torch.Tensor | None = None  # kept query heads, base indices
+    kv: torch.Tensor | None = None  # kept KV groups, base indices
+
+    @property
+    def plain(self) -> bool:
+        return self.mlp is None and self.heads is None and self.kv is None
+
+    def narrowed(self, mlp=None, heads=None, kv=None) -> Term:
+        """This term with selections applied on top of its own (indices into what it keeps)."""
+
+        def on(old, new):
+            if new is None:
+                return old
+            new = torch.as_tensor(new, dtype=torch.long)
+            return new if old is None else old[new]
+
+        return Term(
+            self.layer, self.weight, on(self.mlp, mlp), on(self.heads, heads), on(self.kv, kv)
+        )
+
+
+@dataclass(eq=False)
+class ModelRecipe:
+    """A model as its base tensors plus, per output block, the terms it sums (see module doc)."""
+
+    store: TensorStore
+    base_config: object  # the config of the model `store` holds
+    config: object  # the config of the model this recipe builds
+    blocks: list[tuple[Term, ...]]
+    _names: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def identity(cls, store: TensorStore, config) -> ModelRecipe:
+        n = int(config.num_hidden_layers)
+        return cls(store, config, copy.deepcopy(config), [(Term(i, 1.0),) for i in range(n)])
+
+    # -- structure --------------------------------------------------------------------------
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def head_dim(self) -> int:
+        c = self.base_config
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    def is_identity_block(self, j: int) -> bool:
+        (t, *rest) = self.blocks[j]
+        return not rest and t.plain and t.weight == 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this recipe builds its base model unchanged."""
+        n_base = int(self.base_config.num_hidden_layers)
+        return self.n_layers == n_base and all(
+            self.is_identity_block(j) and self.blocks[j][0].layer == j for j in range(n_base)
+        )
+
+    def block_names(self, layer: int) -> list[str]:
+        """Names of one base block's tensors, relative to the block (``self_attn.q_proj.weight``)."""
+        if not self._names:
+            self._names = self.store.names()
+        prefix = f"{LAYER_PREFIX}{layer}."
+        return [n[len(prefix) :] for n in self._names if n.startswith(prefix)]
+
+    def other_names(self) -> list[str]:
+        """Tensors outside the blocks (embeddings, final norm, LM head), in stored order."""
+        if not self._names:
+            self._names = self.store.names()
+        return [n for n in self._names if not n.startswith(LAYER_PREFIX)]
+
+    def compose(self, composition) -> ModelRecipe:
+        """The recipe of `composition` (output layers as [(position, weight), ...] over *this*
+        recipe's output layers): a merge concatenates the terms, scaled by the weights."""
+        blocks = []
+        for group in composition:
+            terms = []
+            for pos, w in group:
+                terms += [
+                    Term(t.layer, t.weight * w, t.mlp, t.heads, t.kv) if w != 1.0 else t
+                    for t in self.blocks[pos]
+                ]
+            blocks.append(tuple(terms))
+        cfg = copy.deepcopy(self.config)
+        update_layer_config(cfg, [g[0][0] for g in composition], self.n_layers)
+        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names)
+
+    def prune(self, selections: list[dict], sizes: dict) -> ModelRecipe:
+        """Every output block narrowed by its selection ({"mlp", "heads", "kv"}: indices into what
+        the block keeps now); `sizes` sets the config (intermediate_size, num_attention_heads,
+        num_key_value_heads), the same in every layer."""
+        if len(selections) != self.n_layers:
+            raise MkaInputError(f"{len(selections)} selections for {self.n_layers} layers")
+        blocks = [
+            tuple(t.narrowed(**sel) for t in terms)
+            for terms, sel in zip(self.blocks, selections, strict=True)
+        ]
+        cfg = copy.deepcopy(self.config)
+        for key, value in sizes.items():
+            setattr(cfg, key, value)
+        cfg.head_dim = self.head_dim  # explicit: it may no longer equal hidden_size // n_heads
+        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names)
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def _select(self, term: Term, rel: str, t: torch.Tensor) -> torch.Tensor:
+        rule = SELECTED_DIMS.get(rel)
+        if rule is None:
+            return t
+        dim, kind = rule
+        idx = getattr(term, kind)
+        if idx is None:
+            return t
+        if kind in ("heads", "kv"):  # whole heads: head_dim consecutive rows each
+            hd = self.head_dim
+            idx = (idx[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+        return t.index_select(dim, idx.to(t.device))
+
+    def _shape(self, term: Term, rel: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        rule = SELECTED_DIMS.get(rel)
+        if rule is None or getattr(term, rule[1]) is None:
+            return shape
+        dim, kind = rule
+        n = len(getattr(term, kind)) * (self.head_dim if kind in ("heads", "kv") else 1)
+        return tuple(n if d == dim else s for d, s in enumerate(shape))
+
+    def source_names(self, j: int) -> list[str]:
+        """The stored tensors output block `j` is computed from."""
+        return [
+            f"{LAYER_PREFIX}{t.layer}.{rel}"
+            for t in self.blocks[j]
+            for rel in self.block_names(t.layer)
+        ]
+
+    def block_tensor(
+        self, j: int, rel: str, dtype: torch.dtype | None = None, fetch=None
+    ) -> torch.Tensor:
+        """Tensor `rel` of output block `j`, computed now (fp32 when it mixes sources); `fetch`
+        reads a stored tensor by name (default: the store; the engine passes prefetched ones)."""
+        fetch = fetch or self.store.get
+        terms = self.blocks[j]
+        parts = [self._select(t, rel, fetch(f"{LAYER_PREFIX}{t.layer}.{rel}")) for t in terms]
+        for t, p in zip(terms[1:], parts[1:]):
+            if p.shape != parts[0].shape:
+                raise MkaInputError(
+                    f"cannot merge layers {terms[0].layer} and {t.layer}: {rel} has shape "
+                    f"{tuple(parts[0].shape)} vs {tuple(p.shape)}"
+                )
+        if len(parts) == 1:
+            assert terms[0].weight == 1.0, terms  # a composition's weights sum to 1
+            out = parts[0]
+        else:
+            out = weighted_sum(parts, [t.weight for t in terms])
+        target = dtype or parts[0].dtype  # merged sums go back to the sources' dtype by default
+        if out.is_floating_point() and out.dtype != target:
+            out = out.to(target)
+        return out
+
+    def block_state(
+        self, j: int, dtype: torch.dtype | None = None, fetch=None
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of output block `j` (names relative to the block)."""
+        names = self.block_names(self.blocks[j][0].layer)
+        for t in self.blocks[j][1:]:
+            if self.block_names(t.layer) != names:
+                raise MkaInputError(
+                    f"cannot merge layers {self.blocks[j][0].layer} and {t.layer}: their blocks "
+                    f"hold different tensors"
+                )
+        return {rel: self.block_tensor(j, rel, dtype, fetch) for rel in names}
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Any tensor of the output model by its full name."""
+        m = _LAYER_RE.match(name)
+        if m:
+            return self.block_tensor(int(m.group(1)), m.group(2), dtype)
+        t = self.store.get(name)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def infos(self, dtype: torch.dtype | None = None) -> list[TensorInfo]:
+        """Name, shape and dtype of every output tensor, in the order a checkpoint stores them:
+        embeddings, blocks in order, then the rest."""
+        others = self.other_names()
+        embed = [n for n in others if "embed" in n]
+        rest = [n for n in others if n not in embed]
+        out = []
+
+        def cast(d: torch.dtype) -> torch.dtype:
+            return dtype if dtype is not None and d.is_floating_point else d
+
+        for n in embed:
+            i = self.store.info(n)
+            out.append(TensorInfo(n, i.shape, cast(i.dtype)))
+        for j, terms in enumerate(self.blocks):
+            t0 = terms[0]
+            for rel in self.block_names(t0.layer):
+                i = self.store.info(f"{LAYER_PREFIX}{t0.layer}.{rel}")
+                out.append(
+                    TensorInfo(
+                        f"{LAYER_PREFIX}{j}.{rel}", self._shape(t0, rel, i.shape), cast(i.dtype)
+                    )
+                )
+        for n in rest:
+            i = self.store.info(n)
+            out.append(TensorInfo(n, i.shape, cast(i.dtype)))
+        return out
+
+    def n_params(self) -> int:
+        """Parameters of the output model (a tied LM head counted once, as stored)."""
+        return sum(i.numel for i in self.infos() if i.dtype.is_floating_point)

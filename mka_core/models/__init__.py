@@ -1,0 +1,1 @@
+"""Models and weights: loading from any source (bundled, folder, GGUF, hub, tiny), devices and dtypes, the cache, GGUF conversion, random models of real shapes, and the architecture adapters that name a block's projections."""

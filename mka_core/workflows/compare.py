@@ -1,0 +1,294 @@
+"""`compare`: planners × budgets (and TransAct at equal parameters) on one analysis and one
+evaluation of the original, in one table.
+
+A *config* is one planner spec at one budget: ``mka`` (α = NPIB, the paper), ``mka:<α rule>``
+(``similarity``, ``rowmean``, ``fixed``, ``search``, or ``drop``: the same pairs with the second
+layer dropped), ``mka:bootstrap`` (NPIB averaged over bootstrap resamples), ``mka-tail``,
+``shortgpt``, ``angular``, ``laco``, ``sleb``, ``mka-loss``; and ``transact``, which prunes MLP
+neurons until the model has the parameters of the layer-removed ones at that budget. Every row is
+evaluated against the original's final hidden states, computed once; its perplexity is also given
+on the two halves of the evaluation windows (even / odd), so a reader sees which differences are
+larger than the text's own spread.
+
+Configs run one after another (``executor="local"``), or each as a Ray task with its resources
+declared (a GPU each where the cluster has GPUs), so a cluster sweeps many configs at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mka_core.compression.heal import heal
+from mka_core.errors import MkaInputError, ProgressFn, report
+from mka_core.evaluation.results import size
+from mka_core.figures.compare import compare_figure
+from mka_core.files import atomic_dir
+from mka_core.workflows.compare_ray import check_ray_address, run_ray
+from mka_core.workflows.pipeline import eval_windows
+from mka_core.workflows.sweep import (
+    _evaluate,
+    _Planned,
+    make_configs,
+    parse_budgets,
+    parse_planners,
+    row_brief,
+    run_config,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mka-compare"
+VERSION = 1
+COLUMNS = [
+    "config",
+    "planner",
+    "option",
+    "layers_removed",
+    "healed",
+    "n_layers",
+    "params",
+    "params_removed_pct",
+    "perplexity",
+    "perplexity_half_a",
+    "perplexity_half_b",
+    "kl",
+    "top1",
+    "decode_tps",
+    "intermediate_size",
+    "plan_s",
+    "build_s",
+    "heal_s",
+    "eval_s",
+    "heal_from_perplexity",
+    "alpha_mean",
+    "steps",
+    "error",
+]
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict]  # the original first, then one per config (and healed ones)
+    plans: list[dict] = field(default_factory=list)  # plan JSON of every planned row
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "meta": self.meta, "rows": self.rows}
+
+    def csv(self) -> str:
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _cell(r.get(k)) for k in COLUMNS})
+        return buf.getvalue()
+
+    def save(self, out_dir, overwrite: bool = False) -> Path:
+        """compare.csv, compare.json, plans.json and compare.html (the figure) into a new folder,
+        written whole or not at all."""
+
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            (tmp / "compare.csv").write_text(self.csv(), encoding="utf-8")
+            (tmp / "compare.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            (tmp / "plans.json").write_text(json.dumps({"plans": self.plans}, indent=2) + "\n")
+            compare_figure(self.rows).write_html(tmp / "compare.html", include_plotlyjs="directory")
+        return Path(out_dir)
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+# ---------------------------------------------------------------------------------------------
+# one config
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+
+def compare_sweep(
+    loaded,
+    analysis,
+    planners,
+    budgets,
+    *,
+    transact: bool = False,
+    windows=None,
+    eval_budget: int = 8192,
+    eval_window: int = 512,
+    eval_data="builtin",
+    fixed_alpha: float = 0.5,
+    with_speed: bool = False,
+    plan_limit_s: float | None = None,
+    loss_samples: int | None = None,
+    transact_samples: int = 32,
+    transact_shots: int = 4,
+    heal_steps: int = 0,
+    heal_budgets=(),
+    heal_batch: int = 4,
+    heal_lr: float = 1e-4,
+    executor: str = "local",
+    address: str | None = None,
+    progress: ProgressFn | None = None,
+) -> CompareResult:
+    """Run every config (see the module docstring) and return the table.
+
+    Bad input — an unknown planner, a budget beyond the model, a Ray address that does not
+    answer — is refused before anything runs."""
+
+    specs = parse_planners(planners)
+    budgets = parse_budgets(budgets, loaded.n_layers)
+    if executor not in ("local", "ray"):
+        raise MkaInputError(f"unknown executor {executor!r}; expected local or ray")
+    if executor == "ray":
+        check_ray_address(address or "local")
+    configs = make_configs(specs, budgets, transact)
+    if windows is None:
+        windows = eval_windows(loaded, eval_data, eval_budget, eval_window)
+    t_start = time.perf_counter()
+
+    cache: dict = {}
+    params_original = size(loaded.model)["params"]
+    kw = dict(
+        params_original=params_original,
+        fixed_alpha=fixed_alpha,
+        with_speed=with_speed,
+        plan_limit_s=plan_limit_s,
+        loss_samples=loss_samples,
+        transact_samples=transact_samples,
+        transact_shots=transact_shots,
+    )
+    report(progress, 0.0, f"compare: the original on {windows.numel()} tokens")
+    original_row = _original_row(loaded, analysis, windows, cache, with_speed)
+    rows = [original_row]
+    models = {}
+    if executor == "ray":
+        rows += run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
+    else:
+        planned = _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
+        for i, cfg in enumerate(configs):
+            keep = heal_steps > 0 and cfg.budget in heal_budgets
+            row, model = run_config(
+                loaded,
+                analysis,
+                cfg,
+                windows,
+                cache,
+                keep_model=keep,
+                planned=planned,
+                budgets=budgets,
+                **kw,
+            )
+            rows.append(row)
+            if model is not None:
+                models[cfg] = model
+            report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {row_brief(row)}")
+    if heal_steps > 0:
+        rows += _heal_rows(
+            loaded,
+            analysis,
+            rows,
+            models,
+            windows,
+            cache,
+            kw,
+            heal_steps,
+            heal_batch,
+            heal_lr,
+            heal_budgets,
+        )
+    plans = [dict(config=r["config"], **r.pop("plan")) for r in rows if "plan" in r]
+    meta = {
+        "model": loaded.source,
+        "fingerprint": loaded.fingerprint,
+        "eval_tokens": int(windows.numel()),
+        "eval_positions": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "calibration": {"samples": analysis.batch.n_samples, "tokens": analysis.batch.n_tokens},
+        "executor": executor,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "configs": [c.label for c in configs],
+    }
+    return CompareResult(rows, plans, meta)
+
+
+def _original_row(loaded, analysis, windows, cache, with_speed) -> dict:
+    """The original's row; its fidelity against itself fills the reference cache."""
+    row = _evaluate(loaded, loaded.model, windows, cache, with_speed)
+    row.update(config="original", planner="original", layers_removed=0, healed=False)
+    row.update(kl=0.0, top1=1.0, params_removed_pct=0.0)
+    halves = row.pop("original_halves")
+    row["perplexity_half_a"], row["perplexity_half_b"] = halves
+    return row
+
+
+def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch, lr, budgets):
+    """Heal, at each heal budget, the best merge row, the best other planner's row and
+    TransAct, with the same short fine-tune."""
+
+    out = []
+    for b in budgets:
+        at = [r for r in rows[1:] if r["layers_removed"] == b and not r.get("error")]
+        merges = [
+            r for r in at if r["planner"] in ("mka", "mka-loss") and r.get("option") != "drop"
+        ]
+        others = [r for r in at if r["planner"] not in ("mka", "mka-loss", "transact")]
+        picks = [min(g, key=lambda r: r["perplexity"]) for g in (merges, others) if g]
+        picks += [r for r in at if r["planner"] == "transact"]
+        for base in picks:
+            cfg = next(c for c in models if c.label == base["config"])
+            t0 = time.perf_counter()
+            healed, _ = heal(
+                models[cfg], loaded.tokenizer, analysis.batch, steps=steps, lr=lr, batch_size=batch
+            )
+            heal_s = time.perf_counter() - t0
+            row = {
+                k: base.get(k)
+                for k in (
+                    "config",
+                    "planner",
+                    "option",
+                    "layers_removed",
+                    "plan_s",
+                    "build_s",
+                    "steps",
+                    "alpha_mean",
+                )
+            }
+            row.update(_evaluate(loaded, healed, windows, cache, kw["with_speed"]))
+            row.pop("original_halves", None)
+            row.update(healed=True, heal_s=heal_s, heal_from_perplexity=base["perplexity"])
+            row["params_removed_pct"] = 100.0 * (1 - row["params"] / kw["params_original"])
+            out.append(row)
+            del healed
+    for r in rows:
+        r.pop("original_halves", None)
+    models.clear()
+    return out
+
+
+def best_rows(rows: list[dict]) -> dict[int, dict]:
+    """The lowest-perplexity unhealed row at each budget."""
+    out: dict[int, dict] = {}
+    for r in rows:
+        if r.get("healed") or r.get("error") or not r.get("layers_removed"):
+            continue
+        b = r["layers_removed"]
+        if b not in out or r["perplexity"] < out[b]["perplexity"]:
+            out[b] = r
+    return out

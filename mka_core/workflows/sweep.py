@@ -1,0 +1,326 @@
+"""One config of a `compare` sweep: a planner spec at a budget, planned, built and evaluated on
+one analysis and one evaluation of the original. Shared by the local loop (`compare`) and the
+Ray executor (`compare_ray`)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from mka_core.compression.merge import apply_plan
+from mka_core.compression.plan import layers_to_remove, make_plan
+from mka_core.compression.planners import PLANNERS
+from mka_core.compression.transact import prune
+from mka_core.engine.layerpass import as_stack
+from mka_core.errors import MkaInputError
+from mka_core.evaluation.evaluate import _exp, fidelity
+from mka_core.evaluation.generation import speed
+from mka_core.evaluation.results import size
+from mka_core.models.loading import count_params
+from mka_core.workflows.pipeline import make_budget_plan
+
+log = logging.getLogger(__name__)
+
+
+PLANNER_OPTIONS = {
+    "mka": ("similarity", "rowmean", "fixed", "search", "drop", "bootstrap"),
+    "mka-tail": ("similarity", "rowmean", "fixed", "search"),
+}
+
+
+# Greedy planners whose plan for b layers is the first b steps of their plan for more (their
+# choices never look ahead), so one run at the largest budget plans every budget; angular (one
+# run of n layers) and LaCo (ranges collapsed top-down) are planned at each budget.
+PREFIX_PLANNERS = ("mka", "mka-tail", "shortgpt", "sleb", "mka-loss")
+
+
+STEP_MESSAGES = ("merged layers", "dropped layer")  # a greedy step completed (progress text)
+
+
+class PlanningTooLong(Exception):
+    """Raised from a planner's progress when it runs past the sweep's time limit."""
+
+
+@dataclass(frozen=True)
+class Config:
+    planner: str  # a planner name, or "transact"
+    option: str | None  # the α rule / NPIB kind of mka and mka-tail
+    budget: int  # layers removed (TransAct: the same number of layers' parameters)
+
+    @property
+    def label(self) -> str:
+        return f"{self.planner}{':' + self.option if self.option else ''} -{self.budget}"
+
+
+def parse_planners(specs) -> list[tuple[str, str | None]]:
+    """ "mka,mka:search,sleb" (or a list) → [(planner, option)], checked."""
+
+    if isinstance(specs, str):
+        specs = [p for p in specs.split(",") if p.strip()]
+    out = []
+    for spec in specs:
+        name, _, option = spec.strip().partition(":")
+        option = option or None
+        if name != "transact" and name not in PLANNERS:
+            raise MkaInputError(
+                f"unknown planner {name!r} in {spec!r}; expected {', '.join(PLANNERS)} or transact"
+            )
+        if option is not None and option not in PLANNER_OPTIONS.get(name, ()):
+            allowed = PLANNER_OPTIONS.get(name)
+            raise MkaInputError(
+                f"{spec!r}: {name} takes "
+                + (f"one of {', '.join(allowed)} after ':'" if allowed else "no option")
+            )
+        out.append((name, option))
+    if not out:
+        raise MkaInputError("no planners given; e.g. --planners mka,sleb,shortgpt")
+    return out
+
+
+def parse_budgets(text, n_layers: int, protect_first=True, protect_last=True) -> list[int]:
+    """ "3,6,10" (or a list) → layer counts, each checked against the model."""
+
+    if isinstance(text, str):
+        try:
+            text = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise MkaInputError(f"budgets must be whole numbers of layers, got {text!r}") from None
+    budgets = sorted(set(int(b) for b in text))
+    if not budgets or budgets[0] < 1:
+        raise MkaInputError(f"budgets must be layer counts >= 1, got {text!r}")
+    for b in budgets:
+        layers_to_remove(n_layers, remove=b, protect_first=protect_first, protect_last=protect_last)
+    return budgets
+
+
+def make_configs(planners, budgets, transact: bool = False) -> list[Config]:
+    configs = [Config(p, o, b) for b in budgets for p, o in planners if p != "transact"]
+    if transact or any(p == "transact" for p, _ in planners):
+        configs += [Config("transact", None, b) for b in budgets]
+    return configs
+
+
+def _steps_text(plan) -> str:
+    out = []
+    for s in plan.steps:
+        sep = "+" if s.op != "drop" else ","
+        layers = sep.join(str(i) for i in s.layers)
+        if s.op == "merge" and s.weights:
+            out.append(f"merge {layers} ({'/'.join(f'{w:.2f}' for w in s.weights)})")
+        else:
+            out.append(f"{s.op} {layers}")
+    return "; ".join(out)
+
+
+def transact_target(model, target_params: int) -> tuple[int, int]:
+    """The MLP intermediate size that brings TransAct's model closest to `target_params` with
+    every head kept, and the parameter count it gives: params(I') = params − L · unit · (I − I'),
+    where a neuron's unit is a row of gate and up and a column of down (plus biases)."""
+
+    stack = as_stack(model)
+    cfg = stack.config
+    inter, d = int(cfg.intermediate_size), int(cfg.hidden_size)
+    infos = {i.name: i for i in stack.recipe.infos()}
+    bias = sum(1 for p in ("gate_proj", "up_proj") if f"model.layers.0.mlp.{p}.bias" in infos)
+    unit = 3 * d + bias
+    total, n_layers = count_params(model), stack.n_layers
+    cut = round((total - target_params) / (n_layers * unit))
+    new = min(max(inter - cut, 1), inter)
+    return new, total - n_layers * unit * (inter - new)
+
+
+def _block_params(model) -> int:
+
+    infos = as_stack(model).recipe.infos()
+    return sum(i.numel for i in infos if i.name.startswith("model.layers.0."))
+
+
+def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_samples):
+    """(plan, seconds, step_times): step_times[k] is when greedy step k + 1 was done."""
+
+    alpha_rule, npib, alpha = "similarity", "single", fixed_alpha
+    if cfg.option == "drop":  # the mka pairs, the second layer of each dropped (α = 1)
+        alpha_rule, alpha = "fixed", 1.0
+    elif cfg.option == "bootstrap":
+        npib = "bootstrap"
+    elif cfg.option:
+        alpha_rule = cfg.option
+    t0 = time.perf_counter()
+    steps_done: list[float] = []
+
+    def progress(fraction: float, msg: str) -> None:
+        el = time.perf_counter() - t0
+        if any(m in msg for m in STEP_MESSAGES):
+            steps_done.append(el)
+        if limit_s is not None and el > limit_s:
+            raise PlanningTooLong(f"stopped after {limit_s:.0f} s at: {msg}")
+
+    plan = make_budget_plan(
+        loaded,
+        analysis,
+        cfg.planner,
+        n_remove=cfg.budget,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        progress=progress,
+        npib=npib,
+        loss_samples=loss_samples,
+    )
+    return plan, time.perf_counter() - t0, steps_done
+
+
+class _Planned:
+    """Plans for every budget of one planner spec: greedy ones from a single run at the largest
+    budget that fits in the time limit (prefixes, with the time each prefix took), the others at
+    each budget."""
+
+    def __init__(self, loaded, analysis, fixed_alpha, limit_s, loss_samples):
+        self.args = (loaded, analysis, fixed_alpha, limit_s, loss_samples)
+        self.runs: dict[tuple, tuple] = {}  # (planner, option) -> (plan, steps_done) or error
+
+    def get(self, cfg: Config, budgets: list[int]):
+        """(plan, seconds) for `cfg`, or raises PlanningTooLong."""
+
+        loaded, analysis, fixed_alpha, limit_s, loss_samples = self.args
+        if cfg.planner not in PREFIX_PLANNERS:
+            plan, seconds, _ = _plan(loaded, analysis, cfg, fixed_alpha, limit_s, loss_samples)
+            return plan, seconds
+        key = (cfg.planner, cfg.option)
+        if key not in self.runs:
+            error = None
+            for b in sorted((b for b in budgets if b >= cfg.budget), reverse=True):
+                try:
+                    big = Config(cfg.planner, cfg.option, b)
+                    plan, seconds, done = _plan(
+                        loaded, analysis, big, fixed_alpha, limit_s, loss_samples
+                    )
+                    self.runs[key] = (plan, seconds, done)
+                    break
+                except PlanningTooLong as e:
+                    error = e
+            else:
+                self.runs[key] = error
+        got = self.runs[key]
+        if isinstance(got, PlanningTooLong) or got is None:
+            raise got or PlanningTooLong("not planned")
+        plan, seconds, done = got
+        if cfg.budget > plan.n_removed:
+            raise PlanningTooLong(f"a {plan.n_removed}-layer plan was the most within the limit")
+        if cfg.budget == plan.n_removed:
+            return plan, seconds
+        method = json.loads(json.dumps(plan.method))
+        method["params"]["n_remove"] = cfg.budget
+        method["params"]["note"] = (
+            f"the first {cfg.budget} steps of the {plan.n_removed}-layer plan"
+        )
+        t = done[cfg.budget - 1] if len(done) >= cfg.budget else None
+        return make_plan(loaded, plan.steps[: cfg.budget], method), t
+
+
+def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
+
+    t0 = time.perf_counter()
+    fid = fidelity(loaded.model, model, windows, reference_cache=cache)
+    width = int(windows.shape[1]) - 1
+    halves = {}
+    for name, part in (
+        ("a", fid["window_nll_compressed"][0::2]),
+        ("b", fid["window_nll_compressed"][1::2]),
+    ):
+        halves[f"perplexity_half_{name}"] = _exp(sum(part) / (len(part) * width)) if part else None
+    out = {
+        "perplexity": fid["perplexity_compressed"],
+        "perplexity_original": fid["perplexity_original"],
+        "kl": fid["kl"],
+        "top1": fid["top1"],
+        **halves,
+        "original_halves": [
+            _exp(sum(p) / (len(p) * width)) if p else None
+            for p in (fid["window_nll_original"][0::2], fid["window_nll_original"][1::2])
+        ],
+    }
+    sz = size(model)
+    out.update(
+        params=sz["params"], n_layers=sz["n_layers"], intermediate_size=sz["intermediate_size"]
+    )
+    if with_speed and not loaded.streamed:
+        out["decode_tps"] = speed(model, loaded.tokenizer)["decode_tps"]
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_config(
+    loaded,
+    analysis,
+    cfg: Config,
+    windows,
+    cache: dict,
+    *,
+    params_original: int,
+    planned: _Planned | None = None,
+    budgets: list[int] | None = None,
+    fixed_alpha: float = 0.5,
+    with_speed: bool = False,
+    plan_limit_s: float | None = None,
+    loss_samples: int | None = None,
+    transact_samples: int = 32,
+    transact_shots: int = 4,
+    keep_model: bool = False,
+) -> tuple[dict, object]:
+    """One row (and, with keep_model, the compressed model, e.g. for healing)."""
+
+    row = {
+        "config": cfg.label,
+        "planner": cfg.planner,
+        "option": cfg.option,
+        "layers_removed": cfg.budget,
+        "healed": False,
+    }
+    plan = None
+    try:
+        if cfg.planner == "transact":
+            target = params_original - cfg.budget * _block_params(loaded.model)
+            inter, _ = transact_target(loaded.model, target)
+            t0 = time.perf_counter()
+            model, rep = prune(
+                loaded.model,
+                analysis.batch.subset(transact_samples),
+                mlp_keep=inter,
+                heads_keep=1.0,
+                shots=transact_shots,
+            )
+            row["build_s"] = time.perf_counter() - t0
+            row["steps"] = (
+                f"MLP {rep.original_intermediate_size}->{rep.new_intermediate_size}, heads kept; "
+                f"parameters of {cfg.budget} layers removed"
+            )
+        else:
+            planned = planned or _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
+            plan, row["plan_s"] = planned.get(cfg, budgets or [cfg.budget])
+            t0 = time.perf_counter()
+            model = apply_plan(loaded.model, plan)
+            row["build_s"] = time.perf_counter() - t0
+            row["steps"] = _steps_text(plan)
+            alphas = [s.weights[0] for s in plan.steps if s.op == "merge" and s.weights]
+            row["alpha_mean"] = sum(alphas) / len(alphas) if alphas else None
+    except PlanningTooLong as e:
+        row["error"] = f"planning {e}"
+        return row, None
+    row.update(_evaluate(loaded, model, windows, cache, with_speed))
+    row["params_removed_pct"] = 100.0 * (1 - row["params"] / params_original)
+    if plan is not None:
+        row["plan"] = plan.to_dict()
+    if not keep_model:
+        del model
+        gc.collect()
+        model = None
+    return row, model
+
+
+def row_brief(row: dict) -> str:
+    if row.get("error"):
+        return row["error"]
+    return f"perplexity {row['perplexity']:.3f}, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
