@@ -61,6 +61,51 @@ def _token_positions(lengths: list[int], k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(rng.choice(n, size=min(k, n), replace=False)) for n in lengths]
 
 
+def _check_capture_args(pooling: str, batch_size: int, tokens_per_sample: int) -> None:
+    if pooling not in POOLINGS:
+        raise MkaInputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise MkaInputError(f"batch size must be >= 1, got {batch_size}")
+    if pooling == "tokens" and tokens_per_sample < 1:
+        raise MkaInputError(f"tokens per sample must be >= 1, got {tokens_per_sample}")
+
+
+def _batch_pickers(
+    lp: LayerPass, positions: list[np.ndarray] | None, starts: np.ndarray, batch_size: int, device
+) -> list[tuple[int, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """Per engine batch: the rows of `states` it fills (r0, r1), its attention mask, and for
+    ``tokens`` pooling the (sample in batch, position) index of every row."""
+    pickers = []
+    for bi, b in enumerate(lp.batches):
+        b0 = bi * batch_size
+        b1 = b0 + b.ids.shape[0]
+        mask = b.mask if b.mask is not None else torch.ones_like(b.ids)
+        if positions is not None:
+            r = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
+            t = np.concatenate([positions[i] for i in range(b0, b1)])
+            idx = (torch.as_tensor(r, device=device), torch.as_tensor(t, device=device))
+        else:
+            idx = None
+        pickers.append((int(starts[b0]), int(starts[b1]), mask, idx))
+    return pickers
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, idx, pooling: str, first: int) -> np.ndarray:
+    """Pool one batch of hidden states into rows; `first` leading positions are left out of
+    ``mean`` (``tokens`` positions are already past them)."""
+    h = h.float()  # (B, T, H)
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(h.dtype).clone()
+        m[:, :first] = 0
+        out = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H)
+    elif pooling == "last":
+        last = mask.sum(1) - 1  # right padding: last real token
+        out = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+    else:
+        out = h[idx[0], idx[1]]  # (sum k_i, H)
+    return out.cpu().numpy()
+
+
 def capture_activations(
     model,
     batch: CalibrationBatch,
@@ -80,13 +125,7 @@ def capture_activations(
     activations" (an attention sink, norms 10-100x the rest) on the first token; left in, that one
     position dominates every pooled statistic and makes most layers look identical.
     """
-
-    if pooling not in POOLINGS:
-        raise MkaInputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-    if batch_size < 1:
-        raise MkaInputError(f"batch size must be >= 1, got {batch_size}")
-    if pooling == "tokens" and tokens_per_sample < 1:
-        raise MkaInputError(f"tokens per sample must be >= 1, got {tokens_per_sample}")
+    _check_capture_args(pooling, batch_size, tokens_per_sample)
     stack = as_stack(model)
     n_layers = stack.n_layers
     lengths = batch.attention_mask.sum(dim=1).tolist()
@@ -107,35 +146,11 @@ def capture_activations(
 
     report(progress, 0.0, f"embedding {n} samples")
     lp = LayerPass.start(stack, batch.input_ids, batch.attention_mask, batch_size=batch_size)
-    pickers = []  # per batch: (row0, row1, pool function)
-    for bi, b in enumerate(lp.batches):
-        b0 = bi * batch_size
-        b1 = b0 + b.ids.shape[0]
-        mask = b.mask if b.mask is not None else torch.ones_like(b.ids)
-        if positions is not None:
-            r = np.concatenate([np.full(len(positions[i]), i - b0) for i in range(b0, b1)])
-            t = np.concatenate([positions[i] for i in range(b0, b1)])
-            idx = (torch.as_tensor(r, device=stack.device), torch.as_tensor(t, device=stack.device))
-        else:
-            idx = None
-        pickers.append((int(starts[b0]), int(starts[b1]), mask, idx))
-
-    def pool(h: torch.Tensor, mask: torch.Tensor, idx) -> np.ndarray:
-        h = h.float()  # (B, T, H)
-        if pooling == "mean":
-            m = mask.unsqueeze(-1).to(h.dtype).clone()
-            m[:, :first] = 0
-            out = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H)
-        elif pooling == "last":
-            last = mask.sum(1) - 1  # right padding: last real token
-            out = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
-        else:
-            out = h[idx[0], idx[1]]  # (sum k_i, H)
-        return out.cpu().numpy()
+    pickers = _batch_pickers(lp, positions, starts, batch_size, stack.device)
 
     def store(slot: int, hidden: list[torch.Tensor]) -> None:
         for (r0, r1, mask, idx), h in zip(pickers, hidden, strict=True):
-            states[slot, r0:r1] = pool(h, mask, idx)
+            states[slot, r0:r1] = _pool(h, mask, idx, pooling, first)
 
     store(0, lp.hidden)
     lp.run(

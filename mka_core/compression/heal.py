@@ -99,6 +99,88 @@ def _check(steps, lr, batch_size, batch) -> None:
         raise MkaInputError("heal needs samples of at least 2 tokens (nothing to predict)")
 
 
+def _draw_batch(
+    batch: CalibrationBatch,
+    usable: torch.Tensor,
+    lengths: torch.Tensor,
+    batch_size: int,
+    gen,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`batch_size` usable samples drawn at random (with replacement), cut to the longest one's
+    length: input ids, attention mask and labels, each (B, T)."""
+    pick = usable[torch.randint(len(usable), (min(batch_size, len(usable)),), generator=gen)]
+    width = int(lengths[pick].max())
+    ids = batch.input_ids[pick, :width].to(device)  # (B, T)
+    mask = batch.attention_mask[pick, :width].to(device)  # (B, T)
+    labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
+    return ids, mask, labels
+
+
+def _train_step(model, opt, params, ids, mask, labels, step: int, steps: int, lr: float) -> float:
+    """One AdamW step at the schedule's learning rate; returns the step's loss."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, steps, lr)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    if not torch.isfinite(loss):
+        raise MkaInputError(
+            f"healing diverged at step {step + 1} (loss {loss.item()}); lower the "
+            f"learning rate (now {lr:g})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+    opt.step()
+    return float(loss.detach())
+
+
+def _train(
+    model: nn.Module,
+    batch: CalibrationBatch,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: ProgressFn | None,
+) -> tuple[list[float], int]:
+    """Train `model` in place, in fp32; it comes back in its own dtype, in eval mode, frozen,
+    even when training fails. Returns the loss of every step and the number of trained params."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+
+    # only samples with something to predict
+    lengths = batch.attention_mask.sum(dim=1)  # (n_samples,)
+    usable = torch.nonzero(lengths >= 2).flatten()
+    gen = torch.Generator().manual_seed(seed)
+
+    model.to(torch.float32)
+    model.train()
+    model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    losses: list[float] = []
+    report(progress, 0.0, f"healing: {steps} steps at lr {lr:g}")
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)  # dropout, where a model has any
+            for step in range(steps):
+                ids, mask, labels = _draw_batch(batch, usable, lengths, batch_size, gen, device)
+                losses.append(_train_step(model, opt, params, ids, mask, labels, step, steps, lr))
+                report(
+                    progress,
+                    (step + 1) / steps,
+                    f"step {step + 1}/{steps}: loss {losses[-1]:.3f}",
+                )
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        model.requires_grad_(False)
+        model.to(dtype)
+    return losses, n_params
+
+
 def heal(
     model: nn.Module,
     tokenizer,
@@ -121,58 +203,7 @@ def heal(
     steps, lr, batch_size = int(steps), float(lr), int(batch_size)
     t_start = time.perf_counter()
     out = model if inplace else copy.deepcopy(model)
-    param = next(out.parameters())
-    device, dtype = param.device, param.dtype
-
-    # only samples with something to predict
-    lengths = batch.attention_mask.sum(dim=1)  # (n_samples,)
-    usable = torch.nonzero(lengths >= 2).flatten()
-    gen = torch.Generator().manual_seed(int(seed))
-
-    out.to(torch.float32)
-    out.train()
-    out.requires_grad_(True)
-    params = [p for p in out.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
-    losses: list[float] = []
-    report(progress, 0.0, f"healing: {steps} steps at lr {lr:g}")
-    fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(int(seed))  # dropout, where a model has any
-            for step in range(steps):
-                pick = usable[
-                    torch.randint(len(usable), (min(batch_size, len(usable)),), generator=gen)
-                ]
-                width = int(lengths[pick].max())
-                ids = batch.input_ids[pick, :width].to(device)  # (B, T)
-                mask = batch.attention_mask[pick, :width].to(device)  # (B, T)
-                labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr)
-                loss = out(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise MkaInputError(
-                        f"healing diverged at step {step + 1} (loss {loss.item()}); lower the "
-                        f"learning rate (now {lr:g})"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-                opt.step()
-                losses.append(float(loss.detach()))
-                report(
-                    progress,
-                    (step + 1) / steps,
-                    f"step {step + 1}/{steps}: loss {losses[-1]:.3f}",
-                )
-    finally:
-        opt.zero_grad(set_to_none=True)
-        out.eval()
-        out.requires_grad_(False)
-        out.to(dtype)
-
+    losses, n_params = _train(out, batch, steps, lr, batch_size, int(seed), progress)
     rep = HealReport(
         losses=losses,
         steps=steps,

@@ -97,85 +97,96 @@ def manifold_figure(y: np.ndarray, labels: list[str], title: str, height: int = 
     return fig
 
 
-def manifold_animation(frames: list[np.ndarray], labels: list[str], method: str) -> go.Figure:
-    """All layers as animation frames with a play button and a layer slider; the axes are fixed
-    across layers and cover the bulk of every layer's points (outliers at the edge)."""
+def _color_codes(labels: list[str]) -> list[int]:
+    """One number per row on the colour scale: its category's index when the colours are
+    categories (`row_colors`), else its document number."""
     colors, categorical = row_colors(labels)
-    codes = (
-        [list(dict.fromkeys(colors)).index(c) for c in colors]
-        if categorical
-        else [int(c) for c in colors]
-    )
-    labels = list(labels)
-    every = np.concatenate(frames)
-    rx, ry = robust_range(every[:, 0]), robust_range(every[:, 1])
+    if categorical:
+        return [list(dict.fromkeys(colors)).index(c) for c in colors]
+    return [int(c) for c in colors]
 
-    def scatter(y):
-        y, _ = _clip(y, rx, ry)
-        return go.Scatter(
-            x=y[:, 0],
-            y=y[:, 1],
-            mode="markers",
-            text=labels,
-            hovertemplate="%{text}<extra></extra>",
-            marker={"size": 8, "opacity": 0.85, "color": codes, "colorscale": "Turbo"},
-        )
 
-    fig = go.Figure(
-        data=[scatter(frames[0])],
-        frames=[go.Frame(data=[scatter(y)], name=str(i)) for i, y in enumerate(frames)],
+def _frame_scatter(y: np.ndarray, rx, ry, labels: list[str], codes: list[int]) -> go.Scatter:
+    """One layer's rows, outliers moved to the edge of the fixed ranges."""
+    y, _ = _clip(y, rx, ry)
+    return go.Scatter(
+        x=y[:, 0],
+        y=y[:, 1],
+        mode="markers",
+        text=labels,
+        hovertemplate="%{text}<extra></extra>",
+        marker={"size": 8, "opacity": 0.85, "color": codes, "colorscale": "Turbo"},
     )
+
+
+def _play_pause_menu() -> dict:
+    """Play and pause buttons, left of the slider, not over its tick labels."""
+    return {
+        "type": "buttons",
+        "direction": "left",
+        "x": 0.0,
+        "y": -0.16,
+        "xanchor": "left",
+        "yanchor": "top",
+        "showactive": False,
+        "buttons": [
+            {
+                "label": "▶ play",
+                "method": "animate",
+                "args": [None, {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True}],
+            },
+            {
+                "label": "❚❚ pause",
+                "method": "animate",
+                "args": [[None], {"mode": "immediate", "frame": {"duration": 0}}],
+            },
+        ],
+    }
+
+
+def _layer_slider(n_frames: int) -> dict:
+    """A slider with one step per layer, jumping straight to that layer's frame."""
     steps = [
         {
             "label": str(i),
             "method": "animate",
             "args": [[str(i)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}],
         }
-        for i in range(len(frames))
+        for i in range(n_frames)
     ]
+    return {
+        "active": 0,
+        "currentvalue": {"prefix": "layer "},
+        "x": 0.2,
+        "len": 0.8,
+        "y": -0.06,
+        "yanchor": "top",
+        "pad": {"t": 30},
+        "steps": steps,
+    }
+
+
+def manifold_animation(frames: list[np.ndarray], labels: list[str], method: str) -> go.Figure:
+    """All layers as animation frames with a play button and a layer slider; the axes are fixed
+    across layers and cover the bulk of every layer's points (outliers at the edge)."""
+    codes = _color_codes(labels)
+    labels = list(labels)
+    every = np.concatenate(frames)
+    rx, ry = robust_range(every[:, 0]), robust_range(every[:, 1])
+    fig = go.Figure(
+        data=[_frame_scatter(frames[0], rx, ry, labels, codes)],
+        frames=[
+            go.Frame(data=[_frame_scatter(y, rx, ry, labels, codes)], name=str(i))
+            for i, y in enumerate(frames)
+        ],
+    )
     fig.update_layout(
         title=centred_title(f"{PROJECTION_NAMES[method]} through the layers"),
         height=560,
         margin={"l": 40, "r": 10, "t": 40, "b": 110},
         xaxis={"range": list(rx), "title": "dimension 1"},
         yaxis={"range": list(ry), "title": "dimension 2"},
-        updatemenus=[
-            {  # left of the slider, not over its tick labels
-                "type": "buttons",
-                "direction": "left",
-                "x": 0.0,
-                "y": -0.16,
-                "xanchor": "left",
-                "yanchor": "top",
-                "showactive": False,
-                "buttons": [
-                    {
-                        "label": "▶ play",
-                        "method": "animate",
-                        "args": [
-                            None,
-                            {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True},
-                        ],
-                    },
-                    {
-                        "label": "❚❚ pause",
-                        "method": "animate",
-                        "args": [[None], {"mode": "immediate", "frame": {"duration": 0}}],
-                    },
-                ],
-            }
-        ],
-        sliders=[
-            {
-                "active": 0,
-                "currentvalue": {"prefix": "layer "},
-                "x": 0.2,
-                "len": 0.8,
-                "y": -0.06,
-                "yanchor": "top",
-                "pad": {"t": 30},
-                "steps": steps,
-            }
-        ],
+        updatemenus=[_play_pause_menu()],
+        sliders=[_layer_slider(len(frames))],
     )
     return fig

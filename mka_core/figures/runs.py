@@ -131,6 +131,90 @@ def _series_name(kind: str, planner: str) -> str:
 
 
 SERIES_COLORS = ("#4c6ef5", "#e8590c", "#37b24d", "#ae3ec9", "#1098ad", "#f59f00", "#d6336c")
+_RUN_HOVER = "%{text}<br>%{x:.1f} % of the parameters removed: perplexity %{y:.2f}<extra></extra>"
+
+
+def _run_names(runs: pd.DataFrame) -> list[str]:
+    """'run N: label' for each row, the hover text of a point."""
+    return [f"run {r}: {lab}" for r, lab in zip(runs["run"], runs["label"])]
+
+
+def _unhealed_series(plain: pd.DataFrame, name: str, color: str) -> go.Scatter:
+    """A method's runs that were not healed, as a line starting at the original (0 % removed)."""
+    return go.Scatter(
+        x=[0.0, *plain["params_removed_pct"]],
+        y=[float(plain["perplexity_original"].iloc[0]), *plain["perplexity"]],
+        mode="lines+markers",
+        name=name,
+        legendgroup=name,
+        line={"color": color},
+        marker={"size": 9},
+        text=["original", *_run_names(plain)],
+        hovertemplate=_RUN_HOVER,
+    )
+
+
+def _add_healed_runs(
+    fig: go.Figure, df: pd.DataFrame, cured: pd.DataFrame, name: str, color: str
+) -> None:
+    """A method's healed runs as stars, each joined by a dotted line to the run it healed (when
+    that run is in `df`)."""
+    for _, row in cured.iterrows():
+        src = df[df["run"] == row.get("healed_from")] if "healed_from" in df else df.iloc[:0]
+        if not src.empty:
+            fig.add_trace(
+                go.Scatter(
+                    x=[float(src["params_removed_pct"].iloc[0]), row["params_removed_pct"]],
+                    y=[float(src["perplexity"].iloc[0]), row["perplexity"]],
+                    mode="lines",
+                    line={"color": color, "dash": "dot"},
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup=name,
+                )
+            )
+    fig.add_trace(
+        go.Scatter(
+            x=cured["params_removed_pct"],
+            y=cured["perplexity"],
+            mode="markers",
+            name=f"{name}, healed",
+            legendgroup=name,
+            marker={"size": 15, "symbol": "star", "color": color, "line": {"width": 1}},
+            text=_run_names(cured),
+            hovertemplate=_RUN_HOVER,
+        )
+    )
+
+
+def _off_chart_markers(df: pd.DataFrame, cap: float) -> go.Scatter:
+    """Runs whose perplexity passes `cap`, drawn at the chart's top edge, their value on hover."""
+    over = df[df["perplexity"].astype(float) > cap]
+    return go.Scatter(
+        x=over["params_removed_pct"],
+        y=[cap] * len(over),
+        mode="markers",
+        name=f"beyond {CAP:g}× the original",
+        marker={"symbol": "triangle-up", "size": 13, "color": "#fa5252"},
+        text=_run_names(over),
+        customdata=over["perplexity"],
+        hovertemplate="%{text}<br>perplexity %{customdata:.3g} (off the chart)<extra></extra>",
+    )
+
+
+def _perplexity_axis(ppl: pd.Series, cap: float) -> dict:
+    """The y axis for perplexities `ppl`: log scale when they span more than 20×, since a
+    collapse would flatten the rest; the range stops at `cap`."""
+    log_y = bool(ppl.min() > 0 and ppl.max() / ppl.min() > 20)
+    top = min(float(ppl.max()), cap)
+    return {
+        "title": "perplexity" + (" (log scale)" if log_y else ""),
+        "type": "log" if log_y else "linear",
+        "range": (
+            [math.log10(float(ppl.min()) / 1.3), math.log10(top * 1.5)] if log_y else [0, top * 1.1]
+        ),
+        "exponentformat": "power",
+    }
 
 
 def comparison_figure(df: pd.DataFrame) -> go.Figure:
@@ -145,89 +229,22 @@ def comparison_figure(df: pd.DataFrame) -> go.Figure:
         color = SERIES_COLORS[i % len(SERIES_COLORS)]
         plain = part[~healed[part.index]].sort_values("params_removed_pct")
         if not plain.empty:
-            fig.add_trace(
-                go.Scatter(
-                    x=[0.0, *plain["params_removed_pct"]],
-                    y=[float(plain["perplexity_original"].iloc[0]), *plain["perplexity"]],
-                    mode="lines+markers",
-                    name=name,
-                    legendgroup=name,
-                    line={"color": color},
-                    marker={"size": 9},
-                    text=[
-                        "original",
-                        *(f"run {r}: {lab}" for r, lab in zip(plain["run"], plain["label"])),
-                    ],
-                    hovertemplate="%{text}<br>%{x:.1f} % of the parameters removed: "
-                    "perplexity %{y:.2f}<extra></extra>",
-                )
-            )
+            fig.add_trace(_unhealed_series(plain, name, color))
         cured = part[healed[part.index]]
-        if cured.empty:
-            continue
-        for _, row in cured.iterrows():
-            src = df[df["run"] == row.get("healed_from")] if "healed_from" in df else df.iloc[:0]
-            if not src.empty:  # a dotted line from the run that was healed to its healed copy
-                fig.add_trace(
-                    go.Scatter(
-                        x=[float(src["params_removed_pct"].iloc[0]), row["params_removed_pct"]],
-                        y=[float(src["perplexity"].iloc[0]), row["perplexity"]],
-                        mode="lines",
-                        line={"color": color, "dash": "dot"},
-                        hoverinfo="skip",
-                        showlegend=False,
-                        legendgroup=name,
-                    )
-                )
-        fig.add_trace(
-            go.Scatter(
-                x=cured["params_removed_pct"],
-                y=cured["perplexity"],
-                mode="markers",
-                name=f"{name}, healed",
-                legendgroup=name,
-                marker={"size": 15, "symbol": "star", "color": color, "line": {"width": 1}},
-                text=[f"run {r}: {lab}" for r, lab in zip(cured["run"], cured["label"])],
-                hovertemplate="%{text}<br>%{x:.1f} % of the parameters removed: "
-                "perplexity %{y:.2f}<extra></extra>",
-            )
-        )
+        if not cured.empty:
+            _add_healed_runs(fig, df, cured, name, color)
     base = float(df["perplexity_original"].iloc[-1])
     fig.add_hline(y=base, line_dash="dot", line_color="#868e96", annotation_text="original")
     ppl = pd.concat([df["perplexity"], df["perplexity_original"]]).astype(float)
-    log_y = bool(ppl.min() > 0 and ppl.max() / ppl.min() > 20)  # a collapse would flatten the rest
     cap = CAP * base
-    if float(ppl.max()) > cap:  # a wrecked model: shown at the top edge, its value on hover
-        over = df[df["perplexity"].astype(float) > cap]
-        fig.add_trace(
-            go.Scatter(
-                x=over["params_removed_pct"],
-                y=[cap] * len(over),
-                mode="markers",
-                name=f"beyond {CAP:g}× the original",
-                marker={"symbol": "triangle-up", "size": 13, "color": "#fa5252"},
-                text=[f"run {r}: {lab}" for r, lab in zip(over["run"], over["label"])],
-                customdata=over["perplexity"],
-                hovertemplate="%{text}<br>perplexity %{customdata:.3g} (off the chart)"
-                "<extra></extra>",
-            )
-        )
-    top = min(float(ppl.max()), cap)
+    if float(ppl.max()) > cap:  # a wrecked model
+        fig.add_trace(_off_chart_markers(df, cap))
     fig.update_layout(
         title=centred_title("Perplexity against parameters removed (stars: healed)", 14),
         height=400,
         margin={"l": 60, "r": 10, "t": 40, "b": 45},
         xaxis={"title": "parameters removed (%)", "rangemode": "tozero", "ticksuffix": " %"},
-        yaxis={
-            "title": "perplexity" + (" (log scale)" if log_y else ""),
-            "type": "log" if log_y else "linear",
-            "range": (
-                [math.log10(float(ppl.min()) / 1.3), math.log10(top * 1.5)]
-                if log_y
-                else [0, top * 1.1]
-            ),
-            "exponentformat": "power",
-        },
+        yaxis=_perplexity_axis(ppl, cap),
         legend={"title": "method"},
         showlegend=True,  # name the method even when there is one series
     )
