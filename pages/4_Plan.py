@@ -59,9 +59,10 @@ with tab_budget:
             "**What matters** shows how well each measure predicts the real damage and **Compare** "
             "runs the planners side by side."
         )
-        if planner in ("mka", "mka-tail"):
-            ui.stability_note(st, analysis.stability, "npib")
-        if planner in ("sleb", "mka-loss", "laco"):
+        info = ui.planner_info(planner)
+        if info.reads:  # how well the measure it ranks by reproduces on other rows
+            ui.stability_note(st, analysis.stability, info.reads)
+        if info.needs_batch:
             st.caption(
                 "This planner measures the calibration loss of its candidates (16 samples): "
                 "slower than the similarity planners, seconds per layer on a CPU."
@@ -87,7 +88,7 @@ with tab_budget:
                     help="The paper's definition: 14 of 32 layers = 43.75 %",
                 )
                 n_remove = None
-            merges = planner in ("mka", "mka-tail")
+            merges = bool(info.alpha_rules)
             c1, c2, c3 = st.columns(3)
             alpha_rule = c1.selectbox(
                 "α rule (merges)",
@@ -99,10 +100,10 @@ with tab_budget:
             )
             alpha = c2.slider("α (fixed rule)", 0.0, 1.0, 0.5, step=0.05, key="plan_alpha")
             npib = c2.selectbox(
-                "NPIB (mka)",
-                ["single", "bootstrap"],
+                "NPIB",
+                ui.npib_kinds(),
                 key="plan_npib",
-                disabled=planner != "mka",
+                disabled=not info.npib_kinds,
                 help="single: the analysis' NPIB, as the paper; bootstrap: NPIB averaged over "
                 "resamples of the rows (steadier; see the stability notes)",
             )
@@ -111,18 +112,18 @@ with tab_budget:
             make = st.form_submit_button("Make the plan", type="primary", key="plan_make")
         if make:
             try:
+                settings = ui.PlanSettings(
+                    planner=planner,
+                    n_remove=n_remove,
+                    ratio=ratio,
+                    alpha_rule=alpha_rule,
+                    alpha=alpha,
+                    npib=npib,
+                    protect_first=protect_first,
+                    protect_last=protect_last,
+                )
                 with ui.progress_status(f"Planning with {planner}") as progress:
-                    ui.make_budget_plan(
-                        planner,
-                        n_remove=n_remove,
-                        ratio=ratio,
-                        alpha_rule=alpha_rule,
-                        alpha=alpha,
-                        protect_first=protect_first,
-                        protect_last=protect_last,
-                        npib=npib,
-                        progress=progress,
-                    )
+                    ui.make_budget_plan(settings, progress=progress)
             except MkaInputError as e:
                 st.error(str(e))
 

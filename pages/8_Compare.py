@@ -27,7 +27,7 @@ with st.form("compare_form"):
     chosen = st.multiselect(
         "Planners",
         list(planners),
-        default=[p for p in ("shortgpt", "sleb", "mka", "angular") if p in planners],
+        default=[p for p in planners if ui.planner_info(p).in_compare_default],
         key="cmp_planners",
         format_func=lambda p: f"{p} — {ui.planner_help(p)}",
     )

@@ -13,6 +13,7 @@ from mka_core.compression.heal import heal
 from mka_core.compression.importance import proxy_vs_truth
 from mka_core.compression.merge import apply_plan
 from mka_core.compression.plan import Plan, check_fingerprint
+from mka_core.compression.planners import ALPHA_NEEDS, MANUAL, PLANNERS, PlanSettings
 from mka_core.compression.transact import prune
 from mka_core.data.corpus import load_documents, make_calibration
 from mka_core.errors import MkaInputError
@@ -29,7 +30,6 @@ from mka_core.workflows.pipeline import (
     export_run,
     load_analysis,
     make_budget_plan,
-    make_manual_plan,
     read_run_record,
 )
 from mka_core.workflows.sweep import parse_budgets, parse_planners
@@ -221,8 +221,11 @@ def cmd_evaluate(args) -> int:
 def cmd_plan(args) -> int:
 
     progress = Progress(args.quiet)
+    picks = _parse_picks(args.picks) if args.picks else None
+    settings = _plan_settings(args, picks)  # checked before anything is loaded
+    planner = PLANNERS.get(settings.planner)
     given = [x for x in (args.layers_to_remove, args.ratio, args.target_layers) if x is not None]
-    if args.picks is None and len(given) != 1:
+    if not planner.takes_picks and len(given) != 1:
         raise MkaInputError(
             "give exactly one budget: --layers-to-remove N, --ratio R or --target-layers N "
             "(or --picks for a manual plan)"
@@ -232,43 +235,19 @@ def cmd_plan(args) -> int:
         raise MkaInputError(f"{out} exists (use --overwrite)")
     if args.apply:
         check_out_dir(args.apply, args.overwrite, protect=[args.model])  # before any work
-    picks = _parse_picks(args.picks) if args.picks else None
     loaded = _load(args, progress)
+    if args.target_layers is not None and not planner.takes_picks:
+        n_remove = loaded.n_layers - args.target_layers
+        if n_remove < 0:
+            raise MkaInputError(
+                f"--target-layers {args.target_layers} is more than the "
+                f"model's {loaded.n_layers} layers"
+            )
+        settings = settings.replace(n_remove=n_remove)
     analysis = None
-    if (
-        args.analysis
-        or args.planner != "manual"
-        or args.alpha in ("similarity", "rowmean", "search")
-    ):
+    if args.analysis or not planner.takes_picks or ALPHA_NEEDS[settings.alpha_rule]:
         analysis = _analysis(args, loaded, progress)
-    if picks is not None:
-        plan = make_manual_plan(
-            loaded, analysis, picks, alpha_rule=args.alpha, alpha=args.alpha_value
-        )
-    else:
-        n_remove = args.layers_to_remove
-        if args.target_layers is not None:
-            n_remove = loaded.n_layers - args.target_layers
-            if n_remove < 0:
-                raise MkaInputError(
-                    f"--target-layers {args.target_layers} is more than the "
-                    f"model's {loaded.n_layers} layers"
-                )
-        plan = make_budget_plan(
-            loaded,
-            analysis,
-            planner=args.planner,
-            n_remove=n_remove,
-            ratio=args.ratio,
-            alpha_rule=args.alpha,
-            alpha=args.alpha_value,
-            protect_first=not args.no_protect_first,
-            protect_last=not args.no_protect_last,
-            recompute=args.recompute,
-            progress=progress,
-            npib=args.npib,
-            loss_samples=args.loss_samples,
-        )
+    plan = make_budget_plan(loaded, analysis, settings, progress=progress)
     write_text_atomic(out, plan.to_json(), overwrite=args.overwrite)
     exported = None
     if args.apply:
@@ -288,6 +267,23 @@ def cmd_plan(args) -> int:
         )
     )
     return 0
+
+
+def _plan_settings(args, picks: list[dict] | None) -> PlanSettings:
+    """The command line's PlanSettings: --picks make a manual plan whatever --planner says."""
+    return PlanSettings(
+        planner=MANUAL if picks is not None else args.planner,
+        n_remove=args.layers_to_remove,
+        ratio=args.ratio,
+        alpha_rule=args.alpha,
+        alpha=args.alpha_value,
+        npib=args.npib,
+        recompute=args.recompute,
+        protect_first=not args.no_protect_first,
+        protect_last=not args.no_protect_last,
+        loss_samples=args.loss_samples,
+        picks=picks,
+    )
 
 
 def _parse_picks(text: str) -> list[dict]:

@@ -21,8 +21,17 @@ from mka_core.cli.commands import (
     cmd_plan,
     cmd_transact,
 )
-from mka_core.compression.planners import PLANNER_HELP
+from mka_core.compression.planners import (
+    ALPHA_RULES,
+    NPIB_KINDS,
+    PLANNERS,
+    SEARCH_SAMPLES,
+    PlanSettings,
+    budget_names,
+    names,
+)
 from mka_core.errors import MkaInputError
+from mka_core.workflows.sweep import TRANSACT, default_specs
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_analyze,
+        _add_evaluate,
+        _add_plan,
+        _add_apply,
+        _add_transact,
+        _add_heal,
+        _add_compare,
+        _add_export_mergekit,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="capture activations and compute layer-similarity matrices")
     _add_model_args(p)
     _add_calib_args(p)
@@ -149,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_analyze)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="perplexity, fidelity (KL, top-1), size, speed, generations"
     )
@@ -170,29 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the results JSON to this file")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="plan which layers to merge or drop (writes a plan JSON)")
     _add_model_args(p)
     _add_calib_args(p)
     p.add_argument("--pooling", default="mean", choices=["mean", "last", "tokens"])
-    p.add_argument(
-        "--planner",
-        default="mka",
-        choices=["mka", "mka-tail", "shortgpt", "angular", "laco", "sleb", "mka-loss", "manual"],
-        help="; ".join(f"{k}: {v}" for k, v in PLANNER_HELP.items()),
-    )
-    p.add_argument(
-        "--npib",
-        default="single",
-        choices=["single", "bootstrap"],
-        help="mka: the analysis' NPIB (single, the paper) or NPIB averaged over bootstrap "
-        "resamples (steadier)",
-    )
-    p.add_argument(
-        "--loss-samples",
-        type=_positive_int,
-        default=None,
-        help="calibration samples sleb, mka-loss, laco and the search α rule score with (16)",
-    )
+    _add_planner_args(p)
     p.add_argument("--layers-to-remove", type=int, default=None, help="budget: layers to remove")
     p.add_argument("--ratio", type=float, default=None, help="budget: removed / original layers")
     p.add_argument("--target-layers", type=int, default=None, help="budget: layers to keep")
@@ -202,14 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a folder written by analyze --out, to plan from instead of capturing again",
     )
-    p.add_argument(
-        "--alpha",
-        default="similarity",
-        choices=["similarity", "rowmean", "fixed", "search"],
-        help="α rule for merges",
-    )
-    p.add_argument("--alpha-value", type=float, default=0.5, help="α for --alpha fixed")
-    p.add_argument("--recompute", action="store_true", help="mka: recompute NPIB after each merge")
     p.add_argument("--no-protect-first", action="store_true", help="allow touching layer 0")
     p.add_argument("--no-protect-last", action="store_true", help="allow touching the last layer")
     p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
@@ -223,6 +224,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_planner_args(p: argparse.ArgumentParser) -> None:
+    """The planner and its options, with the choices and help of the registry."""
+    default = PlanSettings()
+    p.add_argument(
+        "--planner",
+        default=default.planner,
+        choices=names(),
+        help="; ".join(f"{planner.name}: {planner.help}" for planner in PLANNERS),
+    )
+    p.add_argument(
+        "--npib",
+        default=default.npib,
+        choices=NPIB_KINDS,
+        help=f"{', '.join(names(lambda q: q.npib_kinds))}: the analysis' NPIB (single, the "
+        "paper) or NPIB averaged over bootstrap resamples (steadier)",
+    )
+    p.add_argument(
+        "--loss-samples",
+        type=_positive_int,
+        default=None,
+        help=f"calibration samples {', '.join(names(lambda q: q.needs_batch))} and the search "
+        f"α rule score with ({SEARCH_SAMPLES})",
+    )
+    p.add_argument(
+        "--alpha", default=default.alpha_rule, choices=ALPHA_RULES, help="α rule for merges"
+    )
+    p.add_argument("--alpha-value", type=float, default=default.alpha, help="α for --alpha fixed")
+    p.add_argument("--recompute", action="store_true", help="mka: recompute NPIB after each merge")
+
+
+def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="apply a plan JSON and write the compressed model folder")
     p.add_argument("plan", help="the plan JSON")
     _add_model_args(p)
@@ -233,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_apply)
 
+
+def _add_transact(sub) -> None:
     p = sub.add_parser("transact", help="TransAct: prune MLP neurons / attention heads")
     _add_model_args(p)
     _add_calib_args(p)
@@ -244,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_transact)
 
+
+def _add_heal(sub) -> None:
     p = sub.add_parser("heal", help="short fine-tune of a compressed model on calibration text")
     _add_model_args(p)
     _add_calib_args(p)
@@ -256,18 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_heal)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="planners x budgets (+ TransAct) in one table, locally or on Ray"
     )
     _add_model_args(p)
     _add_calib_args(p)
     _add_eval_args(p)
+    specs = [
+        name + (f"[:{'|'.join(options)}]" if (options := PLANNERS.get(name).spec_options) else "")
+        for name in budget_names()
+    ]
     p.add_argument(
         "--planners",
-        default="mka,mka-loss,sleb,shortgpt,angular,laco",
-        help="comma-separated planner specs: mka, mka:search, mka:bootstrap, mka-loss, sleb, "
-        "shortgpt, angular, laco, mka-tail, transact (default: mka,mka-loss,sleb,shortgpt,"
-        "angular,laco)",
+        default=default_specs(),
+        help=f"comma-separated planner specs: {', '.join(specs)}, {TRANSACT} "
+        f"(default: {default_specs()})",
     )
     p.add_argument("--budgets", default="3,6,10", help="layers removed, e.g. 3,6,10")
     p.add_argument("--transact", action="store_true", help="add TransAct at equal parameters")
@@ -281,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_export_mergekit(sub) -> None:
     p = sub.add_parser("export-mergekit", help="write a mergekit YAML for a plan")
     p.add_argument("plan", help="the plan JSON")
     p.add_argument("--model-path", default=None, help="model path to write into the YAML")
@@ -288,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="YAML file (default: stdout)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_mergekit)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,12 +48,15 @@ from mka_core.ui.guards import (
 )
 from mka_core.ui.plans import (
     ALPHA_HELP,
+    PlanSettings,
     import_plan,
     make_budget_plan,
     make_manual_plan,
     mergekit_yaml,
+    npib_kinds,
     plan_filename,
     planner_help,
+    planner_info,
     planners,
     set_plan,
 )
@@ -180,6 +183,9 @@ __all__ = [
     "load_model",
     "make_budget_plan",
     "make_manual_plan",
+    "npib_kinds",
+    "planner_info",
+    "PlanSettings",
     "measure_importance",
     "matrix_csv",
     "MEASURE_HELP",

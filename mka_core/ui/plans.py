@@ -8,7 +8,14 @@ import json
 import streamlit as st
 
 from mka_core.compression.plan import Plan, check_fingerprint
-from mka_core.compression.planners import ALPHA_RULES, PLANNER_HELP, PLANNERS
+from mka_core.compression.planners import (
+    ALPHA_RULES,
+    NPIB_KINDS,
+    PLANNERS,
+    Planner,
+    PlanSettings,
+    budget_names,
+)
 from mka_core.errors import MkaInputError, ProgressFn
 from mka_core.ui import guards, session
 from mka_core.ui import state as S
@@ -18,13 +25,22 @@ from mka_core.workflows.export import mergekit_yaml as _yaml
 
 
 def planners() -> tuple[tuple[str, ...], tuple[str, ...]]:
-
-    return PLANNERS, ALPHA_RULES
+    """(the planners that plan to a budget, the α rules), as the registry lists them."""
+    return budget_names(), ALPHA_RULES
 
 
 def planner_help(name: str) -> str:
 
-    return PLANNER_HELP.get(name, "")
+    return PLANNERS.get(name).help if name in PLANNERS else ""
+
+
+def planner_info(name: str) -> Planner:
+    """The registry's record: what the planner takes (α rules, NPIB kinds) and needs."""
+    return PLANNERS.get(name)
+
+
+def npib_kinds() -> tuple[str, ...]:
+    return NPIB_KINDS
 
 
 ALPHA_HELP = {
@@ -35,32 +51,13 @@ ALPHA_HELP = {
 }
 
 
-def make_budget_plan(
-    planner: str,
-    n_remove: int | None = None,
-    ratio: float | None = None,
-    alpha_rule: str = "similarity",
-    alpha: float = 0.5,
-    protect_first: bool = True,
-    protect_last: bool = True,
-    npib: str = "single",
-    progress: ProgressFn | None = None,
-):
+def make_budget_plan(settings: PlanSettings, progress: ProgressFn | None = None):
+    """The plan `settings` asks for, on the current model and the session's analysis."""
 
     plan = pipeline.make_budget_plan(
-        current_model(),
-        st.session_state[S.ANALYSIS],
-        planner=planner,
-        n_remove=n_remove,
-        ratio=ratio,
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-        protect_first=protect_first,
-        protect_last=protect_last,
-        npib=npib,
-        progress=progress,
+        current_model(), st.session_state[S.ANALYSIS], settings, progress=progress
     )
-    set_plan(plan, f"budget: {planner}")
+    set_plan(plan, f"budget: {settings.planner}")
     return plan
 
 

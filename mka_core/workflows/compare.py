@@ -1,11 +1,10 @@
 """`compare`: planners × budgets (and TransAct at equal parameters) on one analysis and one
 evaluation of the original, in one table.
 
-A *config* is one planner spec at one budget: ``mka`` (α = NPIB, the paper), ``mka:<α rule>``
-(``similarity``, ``rowmean``, ``fixed``, ``search``, or ``drop``: the same pairs with the second
-layer dropped), ``mka:bootstrap`` (NPIB averaged over bootstrap resamples), ``mka-tail``,
-``shortgpt``, ``angular``, ``laco``, ``sleb``, ``mka-loss``; and ``transact``, which prunes MLP
-neurons until the model has the parameters of the layer-removed ones at that budget. Every row is
+A *config* is one planner spec at one budget: a registered planner's name, or ``name:option``
+with one of the options it registers (``mka:search``, ``mka:drop``: the same pairs with the second
+layer dropped, ``mka:bootstrap``; `sweep.planner_specs` lists them all); and ``transact``, which
+prunes MLP neurons until the model has the parameters of the layer-removed ones at that budget. Every row is
 evaluated against the original's final hidden states, computed once; its perplexity is also given
 on the two halves of the evaluation windows (even / odd), so a reader sees which differences are
 larger than the text's own spread.
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mka_core.compression.heal import heal
+from mka_core.compression.planners import PLANNERS
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.evaluation.results import size
 from mka_core.figures.compare import compare_figure
@@ -32,6 +32,7 @@ from mka_core.files import atomic_dir
 from mka_core.workflows.compare_ray import check_ray_address, run_ray
 from mka_core.workflows.pipeline import eval_windows
 from mka_core.workflows.sweep import (
+    TRANSACT,
     _evaluate,
     _Planned,
     make_configs,
@@ -164,9 +165,8 @@ def compare_sweep(
     t_start = time.perf_counter()
 
     cache: dict = {}
-    params_original = size(loaded.model)["params"]
     kw = dict(
-        params_original=params_original,
+        params_original=size(loaded.model)["params"],
         fixed_alpha=fixed_alpha,
         with_speed=with_speed,
         plan_limit_s=plan_limit_s,
@@ -175,44 +175,18 @@ def compare_sweep(
         transact_shots=transact_shots,
     )
     report(progress, 0.0, f"compare: the original on {windows.numel()} tokens")
-    original_row = _original_row(loaded, analysis, windows, cache, with_speed)
-    rows = [original_row]
-    models = {}
+    rows = [_original_row(loaded, analysis, windows, cache, with_speed)]
+    models = {}  # config -> compressed model, kept for healing
     if executor == "ray":
         rows += run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
     else:
-        planned = _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
-        for i, cfg in enumerate(configs):
-            keep = heal_steps > 0 and cfg.budget in heal_budgets
-            row, model = run_config(
-                loaded,
-                analysis,
-                cfg,
-                windows,
-                cache,
-                keep_model=keep,
-                planned=planned,
-                budgets=budgets,
-                **kw,
-            )
-            rows.append(row)
-            if model is not None:
-                models[cfg] = model
-            report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {row_brief(row)}")
-    if heal_steps > 0:
-        rows += _heal_rows(
-            loaded,
-            analysis,
-            rows,
-            models,
-            windows,
-            cache,
-            kw,
-            heal_steps,
-            heal_batch,
-            heal_lr,
-            heal_budgets,
+        keep = set(heal_budgets) if heal_steps > 0 else set()
+        rows += _run_local(
+            loaded, analysis, configs, budgets, windows, cache, kw, keep, models, progress
         )
+    if heal_steps > 0:
+        heal_args = (heal_steps, heal_batch, heal_lr, heal_budgets)
+        rows += _heal_rows(loaded, analysis, rows, models, windows, cache, kw, *heal_args)
     plans = [dict(config=r["config"], **r.pop("plan")) for r in rows if "plan" in r]
     meta = {
         "model": loaded.source,
@@ -225,6 +199,29 @@ def compare_sweep(
         "configs": [c.label for c in configs],
     }
     return CompareResult(rows, plans, meta)
+
+
+def _run_local(loaded, analysis, configs, budgets, windows, cache, kw, keep, models, progress):
+    """Every config one after another; the models of the budgets in `keep` go into `models`."""
+    planned = _Planned(loaded, analysis, kw["fixed_alpha"], kw["plan_limit_s"], kw["loss_samples"])
+    rows = []
+    for i, cfg in enumerate(configs):
+        row, model = run_config(
+            loaded,
+            analysis,
+            cfg,
+            windows,
+            cache,
+            keep_model=cfg.budget in keep,
+            planned=planned,
+            budgets=budgets,
+            **kw,
+        )
+        rows.append(row)
+        if model is not None:
+            models[cfg] = model
+        report(progress, (i + 1) / len(configs), f"compare: {cfg.label}: {row_brief(row)}")
+    return rows
 
 
 def _original_row(loaded, analysis, windows, cache, with_speed) -> dict:
@@ -244,12 +241,11 @@ def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch,
     out = []
     for b in budgets:
         at = [r for r in rows[1:] if r["layers_removed"] == b and not r.get("error")]
-        merges = [
-            r for r in at if r["planner"] in ("mka", "mka-loss") and r.get("option") != "drop"
-        ]
-        others = [r for r in at if r["planner"] not in ("mka", "mka-loss", "transact")]
+        planned = [r for r in at if r["planner"] != TRANSACT]
+        merges = [r for r in planned if _merges(r) and r.get("option") != "drop"]
+        others = [r for r in planned if not _merges(r)]  # (mka:drop, a control, in neither)
         picks = [min(g, key=lambda r: r["perplexity"]) for g in (merges, others) if g]
-        picks += [r for r in at if r["planner"] == "transact"]
+        picks += [r for r in at if r["planner"] == TRANSACT]
         for base in picks:
             cfg = next(c for c in models if c.label == base["config"])
             t0 = time.perf_counter()
@@ -280,6 +276,11 @@ def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch,
         r.pop("original_halves", None)
     models.clear()
     return out
+
+
+def _merges(row: dict) -> bool:
+    """A row of a planner that merges layers (registry `does`)."""
+    return "merge" in PLANNERS.get(row["planner"]).does
 
 
 def best_rows(rows: list[dict]) -> dict[int, dict]:

@@ -17,8 +17,8 @@ from mka_core.analysis.stability import MIN_ROWS, StabilityResult, compute_stabi
 from mka_core.compression.heal import heal
 from mka_core.compression.importance import ImportanceResult, measure_importance
 from mka_core.compression.merge import apply_plan
-from mka_core.compression.plan import Plan, check_fingerprint, layers_to_remove
-from mka_core.compression.planners import manual_plan, plan_layers
+from mka_core.compression.plan import Plan, check_fingerprint
+from mka_core.compression.planners import MANUAL, PlanSettings, plan_layers
 from mka_core.compression.transact import prune
 from mka_core.data.corpus import (
     BUILTIN,
@@ -251,43 +251,26 @@ def read_run_record(folder) -> dict | None:
 
 def make_budget_plan(
     loaded: LoadedModel,
-    analysis: Analysis,
-    planner: str = "mka",
-    n_remove: int | None = None,
-    ratio: float | None = None,
-    alpha_rule: str = "similarity",
-    alpha: float = 0.5,
-    protect_first: bool = True,
-    protect_last: bool = True,
-    recompute: bool = False,
+    analysis: Analysis | None,
+    settings: PlanSettings | str | None = None,
     progress: ProgressFn | None = None,
-    npib: str = "single",
-    loss_samples: int | None = None,
-):
-    """A plan removing a number of layers (or a compression ratio = removed / original)."""
+    **changes,
+) -> Plan:
+    """The plan `settings` asks for (a PlanSettings, or a planner name and PlanSettings fields:
+    `make_budget_plan(loaded, analysis, "sleb", n_remove=3)`), on the analysis' similarity and
+    calibration data: a number of layers removed (n_remove) or a compression ratio (removed /
+    original), or, for the manual planner, the user's picks. No settings: PlanSettings()."""
 
-    n = layers_to_remove(
-        loaded.n_layers,
-        remove=n_remove,
-        ratio=ratio,
-        protect_first=protect_first,
-        protect_last=protect_last,
-    )
+    settings = PlanSettings.of(settings or PlanSettings(), **changes)
+    if analysis is None:
+        return plan_layers(loaded, None, None, settings, progress=progress)
     return plan_layers(
         loaded,
         analysis.similarity,
         analysis.batch,
-        planner=planner,
-        n_remove=n,
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-        protect_first=protect_first,
-        protect_last=protect_last,
-        recompute=recompute,
+        settings,
         progress=progress,
-        npib=npib,
         stability=analysis.stability,
-        **({"loss_samples": loss_samples} if loss_samples else {}),
     )
 
 
@@ -297,17 +280,11 @@ def make_manual_plan(
     picks: list[dict],
     alpha_rule: str = "similarity",
     alpha: float = 0.5,
-):
+) -> Plan:
     """A plan from the user's picks ({"op": "merge"|"drop", "layers": [...]}), in order."""
 
-    return manual_plan(
-        loaded,
-        analysis.similarity if analysis is not None else None,
-        picks,
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-        batch=analysis.batch if analysis is not None else None,
-    )
+    settings = PlanSettings(planner=MANUAL, picks=picks, alpha_rule=alpha_rule, alpha=alpha)
+    return make_budget_plan(loaded, analysis, settings)
 
 
 def eval_windows(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mka_core.compression.merge import apply_plan
 from mka_core.compression.plan import layers_to_remove, make_plan
-from mka_core.compression.planners import PLANNERS
+from mka_core.compression.planners import PLANNERS, PlanSettings, budget_names
 from mka_core.compression.transact import prune
 from mka_core.engine.layerpass import as_stack
 from mka_core.errors import MkaInputError
@@ -25,17 +25,7 @@ from mka_core.workflows.pipeline import make_budget_plan
 log = logging.getLogger(__name__)
 
 
-PLANNER_OPTIONS = {
-    "mka": ("similarity", "rowmean", "fixed", "search", "drop", "bootstrap"),
-    "mka-tail": ("similarity", "rowmean", "fixed", "search"),
-}
-
-
-# Greedy planners whose plan for b layers is the first b steps of their plan for more (their
-# choices never look ahead), so one run at the largest budget plans every budget; angular (one
-# run of n layers) and LaCo (ranges collapsed top-down) are planned at each budget.
-PREFIX_PLANNERS = ("mka", "mka-tail", "shortgpt", "sleb", "mka-loss")
-
+TRANSACT = "transact"  # not a planner: MLP neurons pruned to the layer-removed parameter count
 
 STEP_MESSAGES = ("merged layers", "dropped layer")  # a greedy step completed (progress text)
 
@@ -46,8 +36,8 @@ class PlanningTooLong(Exception):
 
 @dataclass(frozen=True)
 class Config:
-    planner: str  # a planner name, or "transact"
-    option: str | None  # the α rule / NPIB kind of mka and mka-tail
+    planner: str  # a registered planner's name, or TRANSACT
+    option: str | None  # one of the planner's spec_options (an α rule, an NPIB kind, ...)
     budget: int  # layers removed (TransAct: the same number of layers' parameters)
 
     @property
@@ -55,8 +45,21 @@ class Config:
         return f"{self.planner}{':' + self.option if self.option else ''} -{self.budget}"
 
 
+def planner_specs() -> tuple[str, ...]:
+    """Every spec `parse_planners` accepts: each budget planner, with each of its options."""
+    out = []
+    for name in budget_names():
+        out += [name, *(f"{name}:{o}" for o in PLANNERS.get(name).spec_options)]
+    return (*out, TRANSACT)
+
+
+def default_specs() -> str:
+    """compare's default planners (the registry's `in_compare_default` ones)."""
+    return ",".join(n for n in budget_names() if PLANNERS.get(n).in_compare_default)
+
+
 def parse_planners(specs) -> list[tuple[str, str | None]]:
-    """ "mka,mka:search,sleb" (or a list) → [(planner, option)], checked."""
+    """ "mka,mka:search,sleb" (or a list) → [(planner, option)], checked against the registry."""
 
     if isinstance(specs, str):
         specs = [p for p in specs.split(",") if p.strip()]
@@ -64,19 +67,21 @@ def parse_planners(specs) -> list[tuple[str, str | None]]:
     for spec in specs:
         name, _, option = spec.strip().partition(":")
         option = option or None
-        if name != "transact" and name not in PLANNERS:
+        planners = budget_names()
+        if name != TRANSACT and name not in planners:
             raise MkaInputError(
-                f"unknown planner {name!r} in {spec!r}; expected {', '.join(PLANNERS)} or transact"
+                f"unknown planner {name!r} in {spec!r}; expected {', '.join(planners)} or "
+                f"{TRANSACT}"
             )
-        if option is not None and option not in PLANNER_OPTIONS.get(name, ()):
-            allowed = PLANNER_OPTIONS.get(name)
+        allowed = tuple(PLANNERS.get(name).spec_options) if name != TRANSACT else ()
+        if option is not None and option not in allowed:
             raise MkaInputError(
                 f"{spec!r}: {name} takes "
                 + (f"one of {', '.join(allowed)} after ':'" if allowed else "no option")
             )
         out.append((name, option))
     if not out:
-        raise MkaInputError("no planners given; e.g. --planners mka,sleb,shortgpt")
+        raise MkaInputError(f"no planners given; e.g. --planners {default_specs()}")
     return out
 
 
@@ -97,9 +102,9 @@ def parse_budgets(text, n_layers: int, protect_first=True, protect_last=True) ->
 
 
 def make_configs(planners, budgets, transact: bool = False) -> list[Config]:
-    configs = [Config(p, o, b) for b in budgets for p, o in planners if p != "transact"]
-    if transact or any(p == "transact" for p, _ in planners):
-        configs += [Config("transact", None, b) for b in budgets]
+    configs = [Config(p, o, b) for b in budgets for p, o in planners if p != TRANSACT]
+    if transact or any(p == TRANSACT for p, _ in planners):
+        configs += [Config(TRANSACT, None, b) for b in budgets]
     return configs
 
 
@@ -138,16 +143,16 @@ def _block_params(model) -> int:
     return sum(i.numel for i in infos if i.name.startswith("model.layers.0."))
 
 
-def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_samples):
+def config_settings(base: PlanSettings, cfg: Config) -> PlanSettings:
+    """The PlanSettings of a config: the sweep's `base`, its planner and budget, and what its
+    spec option sets (registry `spec_options`, e.g. mka:drop = fixed α 1)."""
+    changes = dict(PLANNERS.get(cfg.planner).spec_options[cfg.option]) if cfg.option else {}
+    return base.replace(planner=cfg.planner, n_remove=cfg.budget, ratio=None, **changes)
+
+
+def _plan(loaded, analysis, settings: PlanSettings, limit_s):
     """(plan, seconds, step_times): step_times[k] is when greedy step k + 1 was done."""
 
-    alpha_rule, npib, alpha = "similarity", "single", fixed_alpha
-    if cfg.option == "drop":  # the mka pairs, the second layer of each dropped (α = 1)
-        alpha_rule, alpha = "fixed", 1.0
-    elif cfg.option == "bootstrap":
-        npib = "bootstrap"
-    elif cfg.option:
-        alpha_rule = cfg.option
     t0 = time.perf_counter()
     steps_done: list[float] = []
 
@@ -158,46 +163,39 @@ def _plan(loaded, analysis, cfg: Config, fixed_alpha: float, limit_s, loss_sampl
         if limit_s is not None and el > limit_s:
             raise PlanningTooLong(f"stopped after {limit_s:.0f} s at: {msg}")
 
-    plan = make_budget_plan(
-        loaded,
-        analysis,
-        cfg.planner,
-        n_remove=cfg.budget,
-        alpha_rule=alpha_rule,
-        alpha=alpha,
-        progress=progress,
-        npib=npib,
-        loss_samples=loss_samples,
-    )
+    plan = make_budget_plan(loaded, analysis, settings, progress=progress)
     return plan, time.perf_counter() - t0, steps_done
 
 
 class _Planned:
-    """Plans for every budget of one planner spec: greedy ones from a single run at the largest
-    budget that fits in the time limit (prefixes, with the time each prefix took), the others at
-    each budget."""
+    """Plans for every budget of one planner spec: greedy ones (registry `greedy_prefix`: their
+    plan for b layers is the first b steps of their plan for more, their choices never look
+    ahead) from a single run at the largest budget that fits in the time limit (prefixes, with
+    the time each prefix took), the others at each budget.
 
-    def __init__(self, loaded, analysis, fixed_alpha, limit_s, loss_samples):
-        self.args = (loaded, analysis, fixed_alpha, limit_s, loss_samples)
+    fixed_alpha and loss_samples are the sweep's own plan settings (the α of the fixed rule, the
+    calibration samples loss-guided planners score with)."""
+
+    def __init__(self, loaded, analysis, fixed_alpha=0.5, limit_s=None, loss_samples=None):
+        self.loaded, self.analysis, self.limit_s = loaded, analysis, limit_s
+        self.base = PlanSettings(alpha=fixed_alpha, loss_samples=loss_samples)
         self.runs: dict[tuple, tuple] = {}  # (planner, option) -> (plan, steps_done) or error
+
+    def _plan(self, cfg: Config):
+        return _plan(self.loaded, self.analysis, config_settings(self.base, cfg), self.limit_s)
 
     def get(self, cfg: Config, budgets: list[int]):
         """(plan, seconds) for `cfg`, or raises PlanningTooLong."""
 
-        loaded, analysis, fixed_alpha, limit_s, loss_samples = self.args
-        if cfg.planner not in PREFIX_PLANNERS:
-            plan, seconds, _ = _plan(loaded, analysis, cfg, fixed_alpha, limit_s, loss_samples)
+        if not PLANNERS.get(cfg.planner).greedy_prefix:
+            plan, seconds, _ = self._plan(cfg)
             return plan, seconds
         key = (cfg.planner, cfg.option)
         if key not in self.runs:
             error = None
             for b in sorted((b for b in budgets if b >= cfg.budget), reverse=True):
                 try:
-                    big = Config(cfg.planner, cfg.option, b)
-                    plan, seconds, done = _plan(
-                        loaded, analysis, big, fixed_alpha, limit_s, loss_samples
-                    )
-                    self.runs[key] = (plan, seconds, done)
+                    self.runs[key] = self._plan(Config(cfg.planner, cfg.option, b))
                     break
                 except PlanningTooLong as e:
                     error = e
@@ -217,7 +215,7 @@ class _Planned:
             f"the first {cfg.budget} steps of the {plan.n_removed}-layer plan"
         )
         t = done[cfg.budget - 1] if len(done) >= cfg.budget else None
-        return make_plan(loaded, plan.steps[: cfg.budget], method), t
+        return make_plan(self.loaded, plan.steps[: cfg.budget], method), t
 
 
 def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
@@ -281,7 +279,7 @@ def run_config(
     }
     plan = None
     try:
-        if cfg.planner == "transact":
+        if cfg.planner == TRANSACT:
             target = params_original - cfg.budget * _block_params(loaded.model)
             inter, _ = transact_target(loaded.model, target)
             t0 = time.perf_counter()

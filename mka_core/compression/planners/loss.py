@@ -1,10 +1,13 @@
-"""Planners that choose by the measured calibration loss: SLEB (drop) and mka-loss (merge)."""
+"""Planners that choose by the measured calibration loss: SLEB (Song et al. 2024, "SLEB:
+Streamlining LLMs through Redundancy Verification and Elimination of Transformer Blocks"), which
+drops blocks, and mka-loss, MKA's merges chosen by the loss they cost (BENCHMARKS.md, "Planners")."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from mka_core.compression.plan import Step, compose
+from mka_core.compression.planners.registry import Planner, register
 from mka_core.compression.planners.search import (
     _golden_search,
     _State,
@@ -14,6 +17,7 @@ from mka_core.compression.planners.search import (
     model_view,
     sub_progress,
 )
+from mka_core.compression.planners.settings import PlanJob, Planned
 from mka_core.engine.layerpass import causal_lm_loss
 from mka_core.errors import MkaInputError, report
 
@@ -94,3 +98,37 @@ def plan_mka_loss(loaded, small, n_remove: int, protected: set[int], progress=No
             f"mka-loss: merged layers {a}+{b} (α {x:.2f}, loss +{fx - base:.3f})",
         )
     return state.steps
+
+
+def _run_sleb(job: PlanJob) -> Planned:
+    steps = plan_sleb(job.loaded, job.small, job.n_remove, job.protected, job.progress)
+    return Planned(steps, "calibration-loss", None, {"loss_samples": job.small.n_samples})
+
+
+def _run_mka_loss(job: PlanJob) -> Planned:
+    steps = plan_mka_loss(job.loaded, job.small, job.n_remove, job.protected, job.progress)
+    return Planned(steps, "calibration-loss", "search", {"loss_samples": job.small.n_samples})
+
+
+register(
+    Planner(
+        name="sleb",
+        help="SLEB: drop, one at a time, the layer whose removal raises calibration loss least",
+        source="Song et al. 2024, SLEB",
+        does=("drop",),
+        run=_run_sleb,
+        needs_batch=True,
+        greedy_prefix=True,
+    )
+)
+register(
+    Planner(
+        name="mka-loss",
+        help="MKA by measured loss: merge the pair whose merge raises the loss least, α searched",
+        source="this project: MKA's merges chosen by measured loss (BENCHMARKS.md)",
+        does=("merge",),
+        run=_run_mka_loss,
+        needs_batch=True,
+        greedy_prefix=True,
+    )
+)

@@ -25,8 +25,6 @@ from mka_core.errors import report
 
 log = logging.getLogger(__name__)
 
-SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo merges
-
 
 SEARCH_SAMPLES = 16  # calibration samples used to score α candidates and LaCo merges
 
