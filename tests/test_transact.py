@@ -1,5 +1,5 @@
 """TransAct pruning on the tiny random Llama (6 layers, d_model 64, 4 query heads over 2 KV heads,
-intermediate 128)."""
+intermediate 128), and the cuts of other block layouts: fused projections, experts."""
 
 import json
 
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mka_core.compression.transact import TransActReport, prune, score_units
+from mka_core.compression.transact import TransActReport, prune, score_units, target_shape
+from mka_core.data.corpus import builtin_corpus, make_calibration
+from mka_core.engine.adapters import Narrow, narrow, narrowed_shape
 from mka_core.errors import MkaInputError
-from mka_core.models.loading import count_params, get_layers
+from mka_core.models.loading import count_params, get_layers, load_model
 
 
 def _logits(model, batch, n=4):
@@ -187,8 +189,6 @@ def test_invalid_keep_values(tiny, tiny_batch, kw, words):
 
 
 def test_target_shape_matches_what_prune_gives(tiny, tiny_batch):
-    from mka_core.compression.transact import prune, target_shape
-
     for mlp_keep, heads_keep in ((0.5, 0.5), (100, 1.0), (0.3, 0.25)):
         t = target_shape(tiny.model, mlp_keep, heads_keep)
         model, _ = prune(tiny.model, tiny_batch, mlp_keep=mlp_keep, heads_keep=heads_keep, shots=1)
@@ -196,3 +196,55 @@ def test_target_shape_matches_what_prune_gives(tiny, tiny_batch):
         assert t["intermediate"] == (128, cfg.intermediate_size)
         assert t["n_heads"] == (4, cfg.num_attention_heads)
         assert t["n_kv_heads"] == (2, cfg.num_key_value_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# other block layouts (engine.adapters)
+
+
+def test_fused_projections_are_cut_as_their_separate_parts_would_be():
+    torch.manual_seed(0)
+    hd, counts = 16, {"heads": 4, "kv": 2}
+    q, k, v = torch.randn(4 * hd, 64), torch.randn(2 * hd, 64), torch.randn(2 * hd, 64)
+    sel = {"heads": torch.tensor([1, 3]), "kv": torch.tensor([1]), "mlp": None}
+    fused_rule = Narrow(0, ("heads", "kv", "kv"))
+    cut = narrow(torch.cat([q, k, v]), fused_rule, sel, counts, hd)
+    rows = {
+        kind: narrow(t, Narrow(0, (kind,)), sel, counts, hd)
+        for kind, t in (("heads", q), ("kv", k))
+    }
+    assert torch.equal(rows["heads"], torch.cat([q[16:32], q[48:64]]))
+    assert torch.equal(rows["kv"], k[16:32])
+    assert torch.equal(cut, torch.cat([rows["heads"], k[16:32], v[16:32]]))
+    assert narrowed_shape((8 * hd, 64), fused_rule, sel, counts, hd) == cut.shape == (4 * hd, 64)
+    # Phi-3's gate_up_proj: both halves keep the same neurons
+    gate, up = torch.randn(128, 64), torch.randn(128, 64)
+    keep = {"mlp": torch.tensor([0, 5, 127])}
+    half = narrow(torch.cat([gate, up]), Narrow(0, ("mlp", "mlp")), keep, counts, hd)
+    assert torch.equal(half, torch.cat([gate[[0, 5, 127]], up[[0, 5, 127]]]))
+    # experts: each its own neurons, on the middle dimension
+    experts = torch.randn(2, 2 * 8, 4)  # (n_experts, gate and up rows, d_model)
+    own = {"mlp": torch.tensor([[0, 7], [3, 4]])}
+    cut = narrow(experts, Narrow(1, ("mlp", "mlp"), experts=True), own, counts, hd)
+    assert torch.equal(cut[1], experts[1][[3, 4, 11, 12]]) and cut.shape == (2, 4, 4)
+
+
+def test_a_silenced_expert_neuron_goes_first_in_its_own_expert_only():
+    loaded = load_model("tiny:mixtral", dtype="fp32")
+    model = loaded.model
+    batch = make_calibration(loaded.tokenizer, builtin_corpus()[0], n_samples=12, max_tokens=32)
+    e, j, width = 1, 5, 32
+    for layer in get_layers(model):
+        # gate and up rows of neuron j of expert e: act(0) * 0 = 0 on every token routed there
+        layer.mlp.experts.gate_up_proj.data[e, [j, width + j]] = 0
+    scores = score_units(model, batch)
+    assert scores.mlp.shape == (6, 4, width)
+    assert (scores.mlp[:, e, j] == 0).all() and (scores.mlp[:, e].argmin(axis=1) == j).all()
+    assert (scores.mlp[:, [0, 2, 3]] > 0).all()  # every expert gets calibration tokens here
+    out, rep = prune(model, batch, mlp_keep=31, shots=1)
+    assert rep.n_experts == 4 and rep.new_intermediate_size == 31
+    for kept in rep.mlp_kept:  # units numbered expert * 32 + neuron
+        assert len(kept) == 4 * 31 and e * width + j not in kept
+        assert any(x * width + j in kept for x in (0, 2, 3))
+    assert get_layers(out)[0].mlp.experts.down_proj.shape == (4, 64, 31)
+    assert out.config.intermediate_size == 31 and model.config.intermediate_size == 32

@@ -7,8 +7,17 @@ Scores come from one forward pass over the calibration batch, with pre-hooks on 
 that read the units out of the residual stream:
 
 - MLP neuron ``j`` of layer ``l``: the L2 norm, over every real calibration token, of input ``j`` of
-  ``mlp.down_proj`` (that is ``act(gate(x)) * up(x)``).
+  ``mlp.down_proj`` (that is ``act(gate(x)) * up(x)``). In a mixture of experts, neuron ``j`` of
+  expert ``e``: the same inside the expert, over the tokens routed to it, each scaled by the
+  router's weight for the expert.
 - Query head ``h``: the L2 norm of its ``head_dim`` slice of the input of ``self_attn.o_proj``.
+
+Which tensors hold which units comes from the block's adapter (`engine.adapters`: separate or
+fused projections, experts). TransAct prunes every expert's neurons alike and keeps the router:
+every expert keeps the same number of neurons (one ``moe_intermediate_size`` in the config), each
+expert its own best ones by its own scores. Neuron ``j`` of one expert shares nothing with neuron
+``j`` of another, so one shared index set would keep some experts' weakest neurons for the sake of
+others' strongest.
 
 A unit whose activation is small everywhere contributes little to the residual, so it goes first.
 Every layer keeps the same sizes, so the result is a standard config that plain transformers loads.
@@ -41,7 +50,9 @@ import torch
 from torch import nn
 
 from mka_core.data.corpus import CalibrationBatch
+from mka_core.engine.adapters import BlockAdapter, model_adapter, module_shapes, narrow
 from mka_core.engine.layerpass import LayerPass, as_stack
+from mka_core.engine.recipe import LAYER_PREFIX
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.models.loading import count_params, get_layers
 
@@ -49,15 +60,13 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mka-transact-report"
 VERSION = 1
-_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class TransActScores:
     """Unit scores of one scoring pass (higher = more important)."""
 
-    mlp: np.ndarray  # (n_layers, intermediate_size) float32
+    mlp: np.ndarray  # (n_layers, width), or (n_layers, n_experts, width) for experts; float32
     heads: np.ndarray  # (n_layers, n_heads) float32
 
 
@@ -77,7 +86,8 @@ class TransActReport:
     # one dict per shot: intermediate_size, n_heads, n_kv_heads (after the shot), seconds
     shots: list[dict] = field(default_factory=list)
     # the scores of the last scoring pass, (n_layers, units at that time), and the original index
-    # of every unit scored there, so a plot can place them on the unpruned axis
+    # of every unit scored there, so a plot can place them on the unpruned axis; with experts, an
+    # MLP unit is (expert e, neuron j), numbered e * original_intermediate_size + j
     mlp_scores: list[list[float]] = field(default_factory=list)
     mlp_scores_index: list[list[int]] = field(default_factory=list)
     head_scores: list[list[float]] = field(default_factory=list)
@@ -86,6 +96,7 @@ class TransActReport:
     mlp_kept: list[list[int]] = field(default_factory=list)
     heads_kept: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
+    n_experts: int = 0  # experts per MoE block (each keeps new_intermediate_size); 0: dense
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -113,54 +124,55 @@ class TransActReport:
 
 @dataclass(frozen=True)
 class _Shape:
-    intermediate: int
+    intermediate: int  # an expert's width, for experts
     n_heads: int
     n_kv: int
     head_dim: int
+    n_experts: int = 0
 
     @property
     def per_group(self) -> int:
         return self.n_heads // self.n_kv
 
 
-def _first_block(model) -> nn.Module:
-    """Block 0 of a model in memory, or of a streamed model's (empty) skeleton."""
+def _block_shapes(model) -> list[dict[str, tuple[int, ...]]]:
+    """Tensor names (within the block) and shapes of every block, as the model holds them now."""
     if isinstance(model, nn.Module):
-        return get_layers(model)[0]
-    return model.skeleton.model.layers[0]
+        return [module_shapes(layer) for layer in get_layers(model)]
+    out: list[dict] = [{} for _ in range(model.n_layers)]
+    for info in model.recipe.infos():
+        if info.name.startswith(LAYER_PREFIX):
+            j, rel = info.name[len(LAYER_PREFIX) :].split(".", 1)
+            out[int(j)][rel] = info.shape
+    return out
 
 
-def _check_supported(model) -> None:
-    layers = [_first_block(model)]
-    for name, mod, projs in (
-        ("self_attn", layers[0].self_attn, _ATTN_PROJ),
-        ("mlp", layers[0].mlp, _MLP_PROJ),
-    ):
-        missing = [p for p in projs if not isinstance(getattr(mod, p, None), nn.Linear)]
-        if missing:
-            raise MkaInputError(
-                f"TransAct needs separate {', '.join(projs)} in {name} "
-                f"({type(mod).__name__} has no {', '.join(missing)}); fused projections "
-                f"(e.g. Phi-3) are not supported"
-            )
+def _adapter(model) -> tuple[BlockAdapter, dict[str, tuple[int, ...]]]:
+    """The blocks' one adapter, and block 0's tensor shapes."""
+    shapes = _block_shapes(model)
+    return model_adapter(shapes), shapes[0]
 
 
 def _shape(model) -> _Shape:
     cfg = model.config
+    adapter, shapes = _adapter(model)
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    o_in = (
-        get_layers(model)[0].self_attn.o_proj.in_features
-        if isinstance(model, nn.Module)
-        else n_heads * head_dim  # a streamed model's shapes come from its recipe, checked on use
-    )
+    o_in = shapes["self_attn.o_proj.weight"][1]
     if o_in != n_heads * head_dim or n_heads % n_kv:
         raise MkaInputError(
             f"config does not match the weights: {n_heads} heads x {head_dim} head_dim over {n_kv} "
             f"KV heads, but o_proj takes {o_in} inputs"
         )
-    return _Shape(int(cfg.intermediate_size), n_heads, n_kv, head_dim)
+    key = adapter.mlp_size_key(cfg)
+    width = adapter.mlp_width(shapes)
+    if getattr(cfg, key, None) != width:
+        raise MkaInputError(
+            f"config does not match the weights: {key} is {getattr(cfg, key, None)}, but the "
+            f"blocks' MLP ({adapter.mlp}) is {width} wide"
+        )
+    return _Shape(width, n_heads, n_kv, head_dim, adapter.n_experts)
 
 
 def _head_chain(shape: _Shape, d_model: int) -> list[tuple[int, int]]:
@@ -229,12 +241,13 @@ def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransAc
         raise MkaInputError("calibration batch is empty or not a CalibrationBatch")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MkaInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    _check_supported(model)
+    adapter, _ = _adapter(model)
     shape = _shape(model)
     stack = as_stack(model)
     n_layers = stack.n_layers
-    # sums of squares, accumulated on the device in fp32
-    mlp_sq = torch.zeros(n_layers, shape.intermediate, device=stack.device)  # (n_layers, I)
+    # sums of squares, accumulated on the device in fp32; one row of neurons per expert
+    groups = max(shape.n_experts, 1)
+    mlp_sq = torch.zeros(n_layers, groups, shape.intermediate, device=stack.device)  # (L, E, I)
     head_sq = torch.zeros(n_layers, shape.n_heads, device=stack.device)  # (n_layers, n_heads)
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
@@ -246,18 +259,17 @@ def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransAc
         m = b.mask if b.mask is not None else torch.ones_like(b.ids)
         return m.unsqueeze(-1).float()
 
-    def hooks(j: int, block: nn.Module) -> list:
-        def mlp_hook(module, args):
-            x = args[0].float()  # (B, T, I)
-            mlp_sq[j] += (x.square() * mask()).sum(dim=(0, 1))
+    def tokens() -> torch.Tensor:  # (B·T,), the batch's tokens flattened as MoE blocks do
+        return mask().reshape(-1)
 
+    def hooks(j: int, block: nn.Module) -> list:
         def head_hook(module, args):
             x = args[0].float()  # (B, T, n_heads * head_dim)
             x = x.view(*x.shape[:-1], shape.n_heads, shape.head_dim)  # (B, T, nh, hd)
             head_sq[j] += (x.square() * mask().unsqueeze(-1)).sum(dim=(0, 1, 3))
 
         return [
-            block.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+            *adapter.register_mlp_scores(block, mlp_sq[j], tokens),
             block.self_attn.o_proj.register_forward_pre_hook(head_hook),
         ]
 
@@ -266,8 +278,9 @@ def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransAc
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
+    mlp = mlp_sq.sqrt().cpu().numpy().astype(np.float32)
     return TransActScores(
-        mlp=mlp_sq.sqrt().cpu().numpy().astype(np.float32),
+        mlp=mlp if shape.n_experts else mlp[:, 0],
         heads=head_sq.sqrt().cpu().numpy().astype(np.float32),
     )
 
@@ -276,33 +289,29 @@ def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransAc
 # slicing
 
 
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep rows (dim 0: outputs, and the bias) or columns (dim 1: inputs) `idx` of `lin`, in place."""
-    idx = idx.to(lin.weight.device)
-    w = lin.weight.data.index_select(dim, idx).contiguous()
-    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
-    if dim == 0:
-        lin.out_features = w.shape[0]
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(
-                lin.bias.data.index_select(0, idx).contiguous(),
-                requires_grad=lin.bias.requires_grad,
-            )
-    else:
-        lin.in_features = w.shape[1]
-
-
-def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Row indices of whole units of `size` rows: unit u covers rows u*size .. u*size + size - 1."""
-    return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
-
-
-def _prune_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
-    _slice_linear(mlp.gate_proj, keep, 0)
-    _slice_linear(mlp.up_proj, keep, 0)
-    _slice_linear(mlp.down_proj, keep, 1)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
+def _prune_block(
+    block: nn.Module, adapter: BlockAdapter, sel: dict, shape: _Shape, groups: list, p_new: int
+) -> None:
+    """Narrow, in place, every tensor of `block` the adapter names by the selection `sel` (indices
+    into the units the block holds now), then the sizes its modules keep beside their weights."""
+    counts = {"heads": shape.n_heads, "kv": shape.n_kv}
+    sel = {k: sel.get(k) for k in ("mlp", "heads", "kv")}
+    for rel, rule in adapter.rules.items():
+        owner_name, _, leaf = rel.rpartition(".")
+        owner = block.get_submodule(owner_name)
+        old = getattr(owner, leaf)
+        new = narrow(old.data, rule, sel, counts, shape.head_dim).contiguous()
+        setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    for mod in block.modules():
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+    width = adapter.mlp_width(module_shapes(block))
+    for mod in (block.mlp, getattr(block.mlp, "experts", None)):
+        for name in ("intermediate_size", "intermediate_dim"):
+            if mod is not None and hasattr(mod, name):
+                setattr(mod, name, width)
+    if sel["heads"] is not None:
+        _set_head_counts(block.self_attn, shape.head_dim, len(sel["heads"]), len(groups), p_new)
 
 
 def _choose_heads(scores: np.ndarray, shape: _Shape, g_new: int, p_new: int) -> tuple[list, list]:
@@ -320,48 +329,150 @@ def _choose_heads(scores: np.ndarray, shape: _Shape, g_new: int, p_new: int) -> 
     return [int(g) for g in groups], heads
 
 
-def _prune_attention(attn: nn.Module, shape: _Shape, groups: list, heads: list, p_new: int) -> None:
-    hd = shape.head_dim
-    head_rows = _unit_rows(torch.as_tensor(heads, dtype=torch.long), hd)
-    _slice_linear(attn.q_proj, head_rows, 0)
-    _slice_linear(attn.o_proj, head_rows, 1)
-    if len(groups) < shape.n_kv:
-        kv_rows = _unit_rows(torch.as_tensor(groups, dtype=torch.long), hd)
-        _slice_linear(attn.k_proj, kv_rows, 0)
-        _slice_linear(attn.v_proj, kv_rows, 0)
+def _set_head_counts(attn: nn.Module, hd: int, n_heads: int, n_kv: int, p_new: int) -> None:
     # what the attention forward reads (transformers 5 reshapes with -1 and head_dim, and repeats
-    # KV heads num_key_value_groups times); older or other classes may also keep head counts
+    # KV heads num_key_value_groups times; Phi-3 slices qkv by num_key_value_heads); older or
+    # other classes may also keep head counts
     attn.head_dim = hd
     attn.num_key_value_groups = p_new
     for name, value in (
-        ("num_heads", len(heads)),
-        ("num_attention_heads", len(heads)),
-        ("num_key_value_heads", len(groups)),
+        ("num_heads", n_heads),
+        ("num_attention_heads", n_heads),
+        ("num_key_value_heads", n_kv),
     ):
         if hasattr(attn, name):
             setattr(attn, name, value)
 
 
-def _config_sizes(shape: _Shape) -> dict:
+def _config_sizes(shape: _Shape, mlp_key: str) -> dict:
     return {
-        "intermediate_size": shape.intermediate,
+        mlp_key: shape.intermediate,
         "num_attention_heads": shape.n_heads,
         "num_key_value_heads": shape.n_kv,
         "head_dim": shape.head_dim,  # explicit: it no longer equals hidden_size // n_heads
     }
 
 
-def _set_config(model: nn.Module, shape: _Shape) -> None:
+def _set_config(model: nn.Module, shape: _Shape, mlp_key: str) -> None:
     cfg = model.config
-    for key, value in _config_sizes(shape).items():
+    sizes = _config_sizes(shape, mlp_key)
+    for key, value in sizes.items():
         setattr(cfg, key, value)
     for layer in get_layers(model):  # blocks normally share the model's config; be sure
         for mod in (layer.self_attn, layer.mlp):
             if getattr(mod, "config", cfg) is not cfg:
-                mod.config.intermediate_size = shape.intermediate
-                mod.config.num_attention_heads = shape.n_heads
-                mod.config.num_key_value_heads = shape.n_kv
-                mod.config.head_dim = shape.head_dim
+                for key, value in sizes.items():
+                    setattr(mod.config, key, value)
+
+
+def _top_neurons(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices (sorted) of the `keep` best neurons: (keep,) of (width,) scores, or for experts
+    (n_experts, keep) of (n_experts, width), each expert by its own scores (stable: ties keep
+    order, so an expert no calibration token reached keeps its first neurons)."""
+    return np.sort(np.argsort(-scores, axis=-1, kind="stable")[..., :keep], axis=-1)
+
+
+def _schedule(shape0: _Shape, d_model: int, mlp_keep, heads_keep, shots) -> list[tuple]:
+    """(width, KV groups, heads per group) after each shot: a linear ramp from the current sizes
+    to the target, snapped to valid shapes."""
+    if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or not 1 <= shots <= 64:
+        raise MkaInputError(f"shots must be an integer from 1 to 64, got {shots!r}")
+    shots = int(shots)
+    mlp_target = _resolve_keep(mlp_keep, shape0.intermediate, "mlp_keep")
+    head_target = _resolve_keep(heads_keep, shape0.n_heads, "heads_keep")
+    chain = _head_chain(shape0, d_model)
+    g_target, p_target = _snap_heads(chain, head_target)
+    if g_target * p_target != head_target:
+        log.info(
+            "heads_keep %s -> %d query heads: rounded up to %d (%d KV groups x %d)",
+            *(heads_keep, head_target, g_target * p_target, g_target, p_target),
+        )
+    plan = []
+    for s in range(1, shots + 1):
+        inter = round(shape0.intermediate + (mlp_target - shape0.intermediate) * s / shots)
+        n_h = round(shape0.n_heads + (g_target * p_target - shape0.n_heads) * s / shots)
+        plan.append((inter, *_snap_heads(chain, n_h)))
+    plan[-1] = (mlp_target, g_target, p_target)
+    return plan
+
+
+@dataclass
+class _Run:
+    """The state of one prune: the model so far, and the original index of every unit it keeps."""
+
+    out: object  # nn.Module, or a streamed Stack
+    adapter: BlockAdapter
+    shape: _Shape
+    mlp_index: list  # per layer: (width,), or (n_experts, width) original neuron indices
+    head_index: list  # per layer: (n_heads,) original head indices
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.out, nn.Module)
+
+    def shot(self, scores: TransActScores, inter: int, g_new: int, p_new: int) -> None:
+        """Cut every layer to `inter` neurons and `g_new` KV groups of `p_new` heads."""
+        shape = self.shape
+        changes_mlp = inter < shape.intermediate
+        changes_heads = (g_new, p_new) != (shape.n_kv, shape.per_group)
+        layers = None if self.streamed else get_layers(self.out)
+        selections = []
+        for i in range(len(self.mlp_index)):
+            sel, groups = {}, []
+            if changes_mlp:
+                top = _top_neurons(scores.mlp[i], inter)
+                sel["mlp"] = torch.as_tensor(top, dtype=torch.long)
+                self.mlp_index[i] = np.take_along_axis(self.mlp_index[i], top, axis=-1)
+            if changes_heads:
+                groups, heads = _choose_heads(scores.heads[i], shape, g_new, p_new)
+                sel["heads"] = torch.as_tensor(heads, dtype=torch.long)
+                if len(groups) < shape.n_kv:
+                    sel["kv"] = torch.as_tensor(groups, dtype=torch.long)
+                self.head_index[i] = self.head_index[i][heads]
+            if layers is not None:
+                _prune_block(layers[i], self.adapter, sel, shape, groups, p_new)
+            selections.append(sel)
+        self.shape = _Shape(inter, g_new * p_new, g_new, shape.head_dim, shape.n_experts)
+        key = self.adapter.mlp_size_key(self.out.config)
+        if self.streamed:
+            self.out = self.out.prune(
+                selections, _config_sizes(self.shape, key), self.adapter.rules
+            )
+        else:
+            _set_config(self.out, self.shape, key)
+
+
+def _flat_units(index: np.ndarray, width: int) -> list[int]:
+    """Original MLP unit numbers of one layer: neuron j, or e * width + j in expert e."""
+    if index.ndim == 1:
+        return index.tolist()
+    return (index + width * np.arange(index.shape[0])[:, None]).reshape(-1).tolist()
+
+
+def _make_report(
+    run: _Run, shape0: _Shape, params_before: int, shot_log, scores, last_index, t_start
+) -> TransActReport:
+    i0, shape, n_layers = shape0.intermediate, run.shape, len(run.mlp_index)
+    return TransActReport(
+        original_intermediate_size=i0,
+        new_intermediate_size=shape.intermediate,
+        original_n_heads=shape0.n_heads,
+        new_n_heads=shape.n_heads,
+        original_n_kv_heads=shape0.n_kv,
+        new_n_kv_heads=shape.n_kv,
+        head_dim=shape.head_dim,
+        params_before=params_before,
+        params_after=count_params(run.out),
+        shots=shot_log,
+        mlp_scores=scores.mlp.reshape(n_layers, -1).tolist(),
+        mlp_scores_index=[_flat_units(a, i0) for a in last_index[0]],
+        head_scores=scores.heads.tolist(),
+        head_scores_index=[a.tolist() for a in last_index[1]],
+        mlp_kept=[_flat_units(a, i0) for a in run.mlp_index],
+        heads_kept=[a.tolist() for a in run.head_index],
+        seconds=round(time.perf_counter() - t_start, 3),
+        n_experts=shape0.n_experts,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,90 +491,46 @@ def prune(
 ) -> tuple[nn.Module, TransActReport]:
     """Prune MLP neurons and query heads of every block to the kept sizes (see module docstring).
 
-    mlp_keep / heads_keep: a ratio in (0, 1] of the model's current intermediate size / query heads,
-    or an absolute count (an int > 1; ``1`` means the ratio 1.0, keep all). Returns the pruned model
-    (a deep copy unless `inplace`) and a TransActReport. A streamed model (`engine.Stack`) gives a
-    streamed result: the kept units are recorded in its recipe and cut when a block is built.
+    mlp_keep / heads_keep: a ratio in (0, 1] of the model's current intermediate size (an expert's,
+    for experts) / query heads, or an absolute count (an int > 1; ``1`` means the ratio 1.0, keep
+    all). Returns the pruned model (a deep copy unless `inplace`) and a TransActReport. A streamed
+    model (`engine.Stack`) gives a streamed result: the kept units are recorded in its recipe and
+    cut when a block is built.
     """
     t_start = time.perf_counter()
-    _check_supported(model)
+    adapter, _ = _adapter(model)
     shape0 = _shape(model)
     streamed = not isinstance(model, nn.Module)
-    if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or not 1 <= shots <= 64:
-        raise MkaInputError(f"shots must be an integer from 1 to 64, got {shots!r}")
-    shots = int(shots)
     if not isinstance(batch, CalibrationBatch) or batch.n_samples < 1 or batch.n_tokens < 1:
         raise MkaInputError("calibration batch is empty or not a CalibrationBatch")
-    mlp_target = _resolve_keep(mlp_keep, shape0.intermediate, "mlp_keep")
-    head_target = _resolve_keep(heads_keep, shape0.n_heads, "heads_keep")
-    d_model = int(model.config.hidden_size)
-    chain = _head_chain(shape0, d_model)
-    g_target, p_target = _snap_heads(chain, head_target)
-    if g_target * p_target != head_target:
-        log.info(
-            "heads_keep %s -> %d query heads: rounded up to %d (%d KV groups x %d)",
-            heads_keep,
-            head_target,
-            g_target * p_target,
-            g_target,
-            p_target,
-        )
-
-    # the schedule: a linear ramp from the current sizes to the target, snapped to valid shapes
-    plan = []
-    for s in range(1, shots + 1):
-        inter = round(shape0.intermediate + (mlp_target - shape0.intermediate) * s / shots)
-        n_h = round(shape0.n_heads + (g_target * p_target - shape0.n_heads) * s / shots)
-        g, p = _snap_heads(chain, n_h)
-        plan.append((inter, g, p))
-    plan[-1] = (mlp_target, g_target, p_target)
+    plan = _schedule(shape0, int(model.config.hidden_size), mlp_keep, heads_keep, shots)
+    shots = len(plan)
 
     params_before = count_params(model)
     out = model if inplace or streamed else copy.deepcopy(model)
-    layers = None if streamed else get_layers(out)
-    n_layers = out.n_layers if streamed else len(layers)
-    # original indices of the units still present, per layer
-    mlp_index = [np.arange(shape0.intermediate) for _ in range(n_layers)]
-    head_index = [np.arange(shape0.n_heads) for _ in range(n_layers)]
-    shape = shape0
+    n_layers = out.n_layers if streamed else len(get_layers(out))
+    width = np.arange(shape0.intermediate)
+    run = _Run(
+        out,
+        adapter,
+        shape0,
+        [np.tile(width, (shape0.n_experts, 1)) if shape0.n_experts else width] * n_layers,
+        [np.arange(shape0.n_heads)] * n_layers,
+    )
     scores: TransActScores | None = None
-    last_index = (mlp_index, head_index)
+    last_index = (run.mlp_index, run.head_index)
     shot_log = []
-
     for s, (inter, g_new, p_new) in enumerate(plan):
         t0 = time.perf_counter()
-        changes_mlp = inter < shape.intermediate
-        changes_heads = (g_new, p_new) != (shape.n_kv, shape.per_group)
-        if changes_mlp or changes_heads or (scores is None and s == shots - 1):
+        now = run.shape
+        changes = inter < now.intermediate or (g_new, p_new) != (now.n_kv, now.per_group)
+        if changes or (scores is None and s == shots - 1):
             report(progress, s / shots, f"shot {s + 1}/{shots}: scoring")
-            scores = score_units(out, batch, batch_size=batch_size)
-            last_index = ([a.copy() for a in mlp_index], [a.copy() for a in head_index])
-        if changes_mlp or changes_heads:
-            selections = []
-            for i in range(n_layers):
-                sel = {}
-                if changes_mlp:
-                    top = np.sort(np.argsort(-scores.mlp[i], kind="stable")[:inter])
-                    sel["mlp"] = torch.as_tensor(top, dtype=torch.long)
-                    mlp_index[i] = mlp_index[i][top]
-                if changes_heads:
-                    groups, heads = _choose_heads(scores.heads[i], shape, g_new, p_new)
-                    sel["heads"] = torch.as_tensor(heads, dtype=torch.long)
-                    if len(groups) < shape.n_kv:
-                        sel["kv"] = torch.as_tensor(groups, dtype=torch.long)
-                    head_index[i] = head_index[i][heads]
-                if not streamed:
-                    layer = layers[i]
-                    if "mlp" in sel:
-                        _prune_mlp(layer.mlp, sel["mlp"])
-                    if changes_heads:
-                        _prune_attention(layer.self_attn, shape, groups, heads, p_new)
-                selections.append(sel)
-            shape = _Shape(inter, g_new * p_new, g_new, shape.head_dim)
-            if streamed:
-                out = out.prune(selections, _config_sizes(shape))
-            else:
-                _set_config(out, shape)
+            scores = score_units(run.out, batch, batch_size=batch_size)
+            last_index = (list(run.mlp_index), list(run.head_index))
+        if changes:
+            run.shot(scores, inter, g_new, p_new)
+        shape = run.shape
         shot_log.append(
             {
                 "intermediate_size": shape.intermediate,
@@ -478,38 +545,15 @@ def prune(
             f"shot {s + 1}/{shots}: intermediate {shape.intermediate}, "
             f"{shape.n_heads} heads over {shape.n_kv} KV heads",
         )
+    out, shape = run.out, run.shape
     if not streamed:
-        _set_config(out, shape)  # head_dim explicit even when nothing changed
+        _set_config(out, shape, adapter.mlp_size_key(out.config))  # head_dim explicit always
         assert get_layers(out)[0].self_attn.o_proj.in_features == shape.n_heads * shape.head_dim
 
-    rep = TransActReport(
-        original_intermediate_size=shape0.intermediate,
-        new_intermediate_size=shape.intermediate,
-        original_n_heads=shape0.n_heads,
-        new_n_heads=shape.n_heads,
-        original_n_kv_heads=shape0.n_kv,
-        new_n_kv_heads=shape.n_kv,
-        head_dim=shape.head_dim,
-        params_before=params_before,
-        params_after=count_params(out),
-        shots=shot_log,
-        mlp_scores=scores.mlp.tolist(),
-        mlp_scores_index=[a.tolist() for a in last_index[0]],
-        head_scores=scores.heads.tolist(),
-        head_scores_index=[a.tolist() for a in last_index[1]],
-        mlp_kept=[a.tolist() for a in mlp_index],
-        heads_kept=[a.tolist() for a in head_index],
-        seconds=round(time.perf_counter() - t_start, 3),
-    )
+    rep = _make_report(run, shape0, params_before, shot_log, scores, last_index, t_start)
     log.info(
         "TransAct: intermediate %d -> %d, heads %d/%d -> %d/%d, params %d -> %d",
-        shape0.intermediate,
-        shape.intermediate,
-        shape0.n_heads,
-        shape0.n_kv,
-        shape.n_heads,
-        shape.n_kv,
-        rep.params_before,
-        rep.params_after,
+        *(shape0.intermediate, shape.intermediate, shape0.n_heads, shape0.n_kv),
+        *(shape.n_heads, shape.n_kv, rep.params_before, rep.params_after),
     )
     return out, rep

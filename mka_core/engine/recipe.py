@@ -22,27 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mka_core.engine.adapters import Narrow, is_mixture_of_experts, narrow, narrowed_shape
 from mka_core.engine.weights import TensorInfo, TensorStore
 from mka_core.errors import MkaInputError
 
 LAYER_PREFIX = "model.layers."
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-# which dimension of which block tensor a TransAct selection narrows
-SELECTED_DIMS = {
-    "mlp.gate_proj.weight": (0, "mlp"),
-    "mlp.gate_proj.bias": (0, "mlp"),
-    "mlp.up_proj.weight": (0, "mlp"),
-    "mlp.up_proj.bias": (0, "mlp"),
-    "mlp.down_proj.weight": (1, "mlp"),
-    "self_attn.q_proj.weight": (0, "heads"),
-    "self_attn.q_proj.bias": (0, "heads"),
-    "self_attn.o_proj.weight": (1, "heads"),
-    "self_attn.k_proj.weight": (0, "kv"),
-    "self_attn.k_proj.bias": (0, "kv"),
-    "self_attn.v_proj.weight": (0, "kv"),
-    "self_attn.v_proj.bias": (0, "kv"),
-}
 
 # list-valued config fields that are never per-layer, even when their length happens to match
 _NOT_PER_LAYER = {
@@ -55,13 +40,34 @@ _NOT_PER_LAYER = {
     "eos_token_id",
     "pad_token_id",
 }
+# lists of layer indices that have some property (not one entry per layer)
+_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
 
 def update_layer_config(config, first_sources: list[int], n_old: int) -> None:
-    """Set the layer count and keep, of each per-layer list, each output layer's first source."""
+    """Set the layer count and keep, of each per-layer list, each output layer's first source.
+
+    Fields that place layers by index say the same of the new layers: a list of layer indices
+    (Qwen-MoE's ``mlp_only_layers``, Llama 4's ``moe_layers``) keeps the outputs whose source is
+    listed; Qwen-MoE's ``decoder_sparse_step`` (every k-th layer sparse) becomes an explicit
+    ``mlp_only_layers`` with step 1; DeepSeek's ``first_k_dense_replace`` counts the outputs whose
+    source is among the first k. (Compositions keep layer order, so the dense ones stay first.)"""
     config.num_hidden_layers = len(first_sources)
+    step = getattr(config, "decoder_sparse_step", None)
+    if isinstance(step, int) and not isinstance(step, bool) and step > 1:
+        dense = set(getattr(config, "mlp_only_layers", None) or [])
+        config.mlp_only_layers = sorted(dense | {i for i in range(n_old) if (i + 1) % step})
+        config.decoder_sparse_step = 1
+    for key in _INDEX_LISTS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            listed = set(value)
+            setattr(config, key, type(value)(j for j, s in enumerate(first_sources) if s in listed))
+    k = getattr(config, "first_k_dense_replace", None)
+    if isinstance(k, int) and not isinstance(k, bool):
+        config.first_k_dense_replace = sum(1 for s in first_sources if s < k)
     for key, value in list(vars(config).items()):
-        if key.startswith("_") or key in _NOT_PER_LAYER:
+        if key.startswith("_") or key in _NOT_PER_LAYER or key in _INDEX_LISTS:
             continue
         if isinstance(value, (list, tuple)) and len(value) == n_old:
             setattr(config, key, type(value)([value[i] for i in first_sources]))
@@ -87,13 +93,18 @@ class Term:
 
     layer: int
     weight: float
-    mlp: torch.Tensor | None = None  # kept intermediate neurons, base indices
+    # kept intermediate neurons, base indices: (kept,), or (n_experts, kept) for experts
+    mlp: torch.Tensor | None = None
     heads: torch.Tensor | None = None  # kept query heads, base indices
     kv: torch.Tensor | None = None  # kept KV groups, base indices
 
     @property
     def plain(self) -> bool:
         return self.mlp is None and self.heads is None and self.kv is None
+
+    @property
+    def selection(self) -> dict:
+        return {"mlp": self.mlp, "heads": self.heads, "kv": self.kv}
 
     def narrowed(self, mlp=None, heads=None, kv=None) -> Term:
         """This term with selections applied on top of its own (indices into what it keeps)."""
@@ -102,7 +113,9 @@ class Term:
             if new is None:
                 return old
             new = torch.as_tensor(new, dtype=torch.long)
-            return new if old is None else old[new]
+            if old is None:
+                return new
+            return old.gather(-1, new) if new.dim() == 2 else old[..., new]
 
         return Term(
             self.layer, self.weight, on(self.mlp, mlp), on(self.heads, heads), on(self.kv, kv)
@@ -118,6 +131,8 @@ class ModelRecipe:
     config: object  # the config of the model this recipe builds
     blocks: list[tuple[Term, ...]]
     _names: list[str] = field(default_factory=list, repr=False)
+    # how selections narrow each block tensor (by name within the block; `adapters.BlockAdapter`)
+    rules: dict[str, Narrow] = field(default_factory=dict)
 
     @classmethod
     def identity(cls, store: TensorStore, config) -> ModelRecipe:
@@ -162,7 +177,12 @@ class ModelRecipe:
 
     def compose(self, composition) -> ModelRecipe:
         """The recipe of `composition` (output layers as [(position, weight), ...] over *this*
-        recipe's output layers): a merge concatenates the terms, scaled by the weights."""
+        recipe's output layers): a merge concatenates the terms, scaled by the weights.
+
+        Mixture-of-experts blocks are never merged: expert k of one layer has nothing to do with
+        expert k of another (the router of each layer learned its own assignment), so a weighted
+        average of their weights has no meaning; dropping them is fine."""
+        self.check_composition(composition)
         blocks = []
         for group in composition:
             terms = []
@@ -174,12 +194,28 @@ class ModelRecipe:
             blocks.append(tuple(terms))
         cfg = copy.deepcopy(self.config)
         update_layer_config(cfg, [g[0][0] for g in composition], self.n_layers)
-        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names)
+        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names, self.rules)
 
-    def prune(self, selections: list[dict], sizes: dict) -> ModelRecipe:
+    def check_composition(self, composition) -> None:
+        """Refuse, in one line, a composition this model cannot build: a merge of
+        mixture-of-experts blocks (see `compose`)."""
+        for group in composition:
+            if len(group) < 2:
+                continue
+            layers = [t.layer for pos, _ in group for t in self.blocks[pos]]
+            if any(is_mixture_of_experts(self.block_names(layer)) for layer in layers):
+                *first, last = [str(pos) for pos, _ in group]
+                raise MkaInputError(
+                    f"cannot merge layers {', '.join(first)} and {last}: they are "
+                    f"mixture-of-experts blocks, and expert k of one layer is unrelated to expert "
+                    f"k of another, so their weights have no meaningful average; drop layers instead"
+                )
+
+    def prune(self, selections: list[dict], sizes: dict, rules: dict[str, Narrow]) -> ModelRecipe:
         """Every output block narrowed by its selection ({"mlp", "heads", "kv"}: indices into what
-        the block keeps now); `sizes` sets the config (intermediate_size, num_attention_heads,
-        num_key_value_heads), the same in every layer."""
+        the block keeps now; for experts, "mlp" has one row per expert); `sizes` sets the config
+        (the MLP width, num_attention_heads, num_key_value_heads), the same in every layer;
+        `rules` says which tensors each unit kind narrows (the blocks' `adapters.BlockAdapter`)."""
         if len(selections) != self.n_layers:
             raise MkaInputError(f"{len(selections)} selections for {self.n_layers} layers")
         blocks = [
@@ -190,30 +226,26 @@ class ModelRecipe:
         for key, value in sizes.items():
             setattr(cfg, key, value)
         cfg.head_dim = self.head_dim  # explicit: it may no longer equal hidden_size // n_heads
-        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names)
+        return ModelRecipe(self.store, self.base_config, cfg, blocks, self._names, dict(rules))
 
     # -- tensors ----------------------------------------------------------------------------
 
+    def _base_counts(self) -> dict:
+        c = self.base_config
+        n_heads = int(c.num_attention_heads)
+        return {"heads": n_heads, "kv": int(getattr(c, "num_key_value_heads", None) or n_heads)}
+
     def _select(self, term: Term, rel: str, t: torch.Tensor) -> torch.Tensor:
-        rule = SELECTED_DIMS.get(rel)
-        if rule is None:
+        rule = self.rules.get(rel)
+        if rule is None or term.plain:
             return t
-        dim, kind = rule
-        idx = getattr(term, kind)
-        if idx is None:
-            return t
-        if kind in ("heads", "kv"):  # whole heads: head_dim consecutive rows each
-            hd = self.head_dim
-            idx = (idx[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
-        return t.index_select(dim, idx.to(t.device))
+        return narrow(t, rule, term.selection, self._base_counts(), self.head_dim)
 
     def _shape(self, term: Term, rel: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        rule = SELECTED_DIMS.get(rel)
-        if rule is None or getattr(term, rule[1]) is None:
+        rule = self.rules.get(rel)
+        if rule is None or term.plain:
             return shape
-        dim, kind = rule
-        n = len(getattr(term, kind)) * (self.head_dim if kind in ("heads", "kv") else 1)
-        return tuple(n if d == dim else s for d, s in enumerate(shape))
+        return narrowed_shape(shape, rule, term.selection, self._base_counts(), self.head_dim)
 
     def source_names(self, j: int) -> list[str]:
         """The stored tensors output block `j` is computed from."""

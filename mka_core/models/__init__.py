@@ -1,1 +1,1 @@
-"""Models and weights: loading from any source (bundled, folder, GGUF, hub, tiny), devices and dtypes, the cache, GGUF conversion, random models of real shapes, and the architecture adapters that name a block's projections."""
+"""Models and weights: loading from any source (bundled, folder, GGUF, hub, tiny), devices and dtypes, the cache, GGUF conversion, tiny and random models of real shapes (the architecture adapters live in `engine.adapters`, which the engine itself needs)."""

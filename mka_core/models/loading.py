@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from mka_core.engine.layerpass import Stack, as_stack
 from mka_core.engine.weights import SafetensorsStore
@@ -42,7 +43,6 @@ MEMORY_FRACTION = 0.4
 # A dequantised GGUF has no float dtype of its own (its cache is fp32, to keep the exact values);
 # exports default to bf16, the dtype such models are released and run in.
 GGUF_EXPORT_DTYPE = torch.bfloat16
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 @dataclass
@@ -155,22 +155,21 @@ def pick_dtype(device: str, dtype: str | torch.dtype | None = None) -> torch.dty
 
 
 def get_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a supported causal LM, or MkaInputError naming what was found."""
+    """The decoder blocks of a causal LM (``model.model.layers``), or MkaInputError naming what was
+    found. Nothing else is asked of a block: what TransAct needs comes from
+    `engine.adapters`."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-        first = layers[0]
-        if hasattr(first, "self_attn") and hasattr(first, "mlp"):
-            return layers
+        return layers
     found = [
         name
         for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and name.count(".") <= 2
     ]
     raise MkaInputError(
-        f"unsupported model {type(model).__name__}: expected decoder blocks with self_attn and mlp "
-        f"in model.model.layers (Llama, Mistral, Qwen2, Gemma and kin); found module lists: "
-        f"{', '.join(found) or 'none'}"
+        f"unsupported model {type(model).__name__}: expected a decoder-only causal LM with its "
+        f"blocks in model.layers; found module lists: {', '.join(found) or 'none'}"
     )
 
 
@@ -203,15 +202,29 @@ def model_fingerprint(model) -> str:
         h.update(f"{key}={getattr(cfg, key, None)};".encode())
     emb = next(n for n in stack.recipe.other_names() if "embed_tokens" in n)
     h.update(_quantized_corner(stack.store.get_slice(emb, 8, 32)))
+    rel = _fingerprint_tensor(stack)
     for j in range(stack.n_layers):
-        name = f"model.layers.{j}.self_attn.q_proj.weight"
         if stack.recipe.is_identity_block(j):
             layer = stack.recipe.blocks[j][0].layer
-            corner = stack.store.get_slice(f"model.layers.{layer}.self_attn.q_proj.weight", 4, 16)
+            corner = stack.store.get_slice(f"model.layers.{layer}.{rel}", 4, 16)
         else:
-            corner = stack.recipe.tensor(name)[:4, :16]
+            corner = stack.recipe.tensor(f"model.layers.{j}.{rel}")[:4, :16]
         h.update(_quantized_corner(corner))
     return h.hexdigest()[:16]
+
+
+def _fingerprint_tensor(stack) -> str:
+    """The block tensor a fingerprint samples: the query projection where there is one (as ever),
+    else the first 2-D tensor of the block by name (Phi-3's fused projections)."""
+    names = stack.recipe.block_names(stack.recipe.blocks[0][0].layer)
+    if "self_attn.q_proj.weight" in names:
+        return "self_attn.q_proj.weight"
+    layer = stack.recipe.blocks[0][0].layer
+    shapes = {n: stack.store.info(f"model.layers.{layer}.{n}").shape for n in names}
+    two_d = sorted(n for n, shape in shapes.items() if len(shape) == 2)
+    if not two_d:
+        raise MkaInputError(f"block 0 of this model holds no 2-D weight: {', '.join(names)}")
+    return two_d[0]
 
 
 def count_params(model) -> int:
@@ -254,7 +267,7 @@ def summarize(loaded: LoadedModel) -> ModelSummary:
         n_heads=n_heads,
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or n_heads),
         head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads),
-        intermediate_size=int(cfg.intermediate_size),
+        intermediate_size=int(getattr(cfg, "intermediate_size", None) or 0),
         vocab_size=int(cfg.vocab_size),
         n_params=count_params(m),
         n_bytes=count_bytes(m),
@@ -323,11 +336,13 @@ def _finish(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def _check_type(config, where) -> None:
+def _check_causal_lm(config, where) -> None:
+    """Refuse, in one line, a config transformers builds no causal LM from."""
     mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_TYPES:
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise MkaInputError(
-            f"unsupported model type {mt!r} in {where}: supported are {', '.join(SUPPORTED_TYPES)}"
+            f"{where}: model type {mt!r} is not a causal LM transformers can build (it has no "
+            f"AutoModelForCausalLM class); expected a decoder-only language model"
         )
 
 
@@ -363,10 +378,10 @@ def load_folder(
         config = AutoConfig.from_pretrained(str(path), **kw)
     except (OSError, ValueError) as e:
         raise MkaInputError(f"{path}: cannot read config.json ({str(e)[:160]})") from None
-    _check_type(config, path)
+    _check_causal_lm(config, path)
     stack = Stack.from_folder(path, device, dtype, config=config, store=store)
-    fingerprint = model_fingerprint(stack)
     get_layers(stack.skeleton)
+    fingerprint = model_fingerprint(stack)
     streamed, why = choose_residency(stack.n_bytes(), stack.largest_block_bytes(), device, offload)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)

@@ -19,7 +19,19 @@ from mka_core.models.cache import cache_dir, into_cache
 
 log = logging.getLogger(__name__)
 
-TINY_ARCHS = ("llama", "mistral", "qwen2")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "phi3", "mixtral", "qwen3_moe", "olmo2")
+# what each family adds to the common shape: mixtures of experts get 4 experts of width 32,
+# 2 routed per token (small, like the rest, yet enough for routing to matter)
+_EXTRA = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+}
 
 
 def tiny_folder(arch: str, seed: int) -> Path:
@@ -66,7 +78,8 @@ def tiny_tokenizer():
 
 
 def tiny_config(arch: str = "llama", n_layers: int = 6, d_model: int = 64, vocab_size: int = 512):
-    """Config of a small random model: 4 query heads over 2 KV groups, head_dim 16."""
+    """Config of a small random model: 4 query heads over 2 KV groups, head_dim 16; MLP width
+    2 * d_model, or 4 experts of width 32 (top-2) for the mixtures of experts."""
 
     if arch not in TINY_ARCHS:
         raise MkaInputError(f"unknown tiny model 'tiny:{arch}'; available: {', '.join(TINY_ARCHS)}")
@@ -84,6 +97,7 @@ def tiny_config(arch: str = "llama", n_layers: int = 6, d_model: int = 64, vocab
         eos_token_id=0,
         pad_token_id=0,
     )
+    kw.update(_EXTRA.get(arch, {}))
     cfg = AutoConfig.for_model(arch, **kw)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     return cfg
