@@ -2,6 +2,14 @@
 
 import streamlit as st
 
+# Every session runs this script in its own thread, and a rerun starts a new thread before the
+# replaced run has stopped, so several threads may start at once on a cold server. The first
+# import of the app's library (and of transformers under it) happens here, before anything else:
+# the other threads wait on this one package's import lock until it is complete, holding no
+# other import lock, instead of racing through transformers' lazy packages (see
+# mka_core.ui.resources).
+import mka_core.ui  # noqa: F401
+
 PAGES = [
     st.Page("pages/0_Home.py", title="Home", icon=":material/hub:", default=True),
     st.Page("pages/1_Model.py", title="Model", icon=":material/memory:"),

@@ -4,6 +4,7 @@ the capture, and the derived views (projections, downloads) of the current analy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tempfile
@@ -15,10 +16,19 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+# The machinery every model load uses, imported now, with the app, instead of lazily by the
+# first load: transformers' packages replace themselves in sys.modules when imported, and CPython
+# hands a thread that imports such a package while another thread is still running its __init__
+# the module being replaced ("cannot import name 'AutoConfig' from 'transformers'"). Each
+# session's script runs in its own thread, and a rerun starts a new one before the previous run
+# has stopped, so the app must never leave a first import to two threads at once.
+from transformers import GenerationMixin, PreTrainedModel  # noqa: F401
+from transformers.integrations import ggml  # noqa: F401
+
 from mka_core.analysis.manifold import project_2d
 from mka_core.analysis.similarity import matrix_csv as _csv
 from mka_core.data.corpus import is_mmlu_folder, parse_text
-from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.figures.manifold import PROJECTION_NAMES
 from mka_core.models.loading import load_model as _load
 from mka_core.models.loading import summarize
@@ -38,6 +48,7 @@ class _Store:
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.loading = threading.Lock()  # one model load at a time (see `_cached_model`)
         self.tables: dict[str, OrderedDict] = {"model": OrderedDict(), "analysis": OrderedDict()}
 
     def get(self, table: str, key):
@@ -63,16 +74,45 @@ def _store() -> _Store:
     return _Store()
 
 
+@contextlib.contextmanager
+def _one_load_at_a_time(store: _Store, progress: ProgressFn | None):
+    """Hold the store's load lock. While waiting, say so: a progress update is also where
+    Streamlit stops a run that a rerun has replaced, so a replaced run stops instead of waiting."""
+    while not store.loading.acquire(timeout=0.5):
+        report(progress, 0.0, "waiting for another model load on this server to finish")
+    try:
+        yield
+    finally:
+        store.loading.release()
+
+
 def _cached_model(source: str, device: str, dtype: str, seed: int, offload=None, progress=None):
-    """The model for this exact (source, device, dtype, seed, offload), loaded once per server."""
+    """The model for this exact (source, device, dtype, seed, offload), loaded once per server.
+
+    Loads run one at a time: every session's script runs in its own thread (and a rerun starts a
+    new thread while the replaced run is still loading), and a model is built under process-wide
+    patches (accelerate's init_empty_weights, which the engine's skeletons use, makes every new
+    parameter a meta tensor; transformers switches weight initialisation and tying off) and
+    imports its architecture's code on first use, so two loads at once break each other
+    ("Cannot copy out of meta tensor"). A request for a model another thread is loading waits
+    for it and then finds it in the store."""
 
     key = (source, device, dtype, seed, offload)
-    loaded = _store().get("model", key)
+    store = _store()
+    loaded = store.get("model", key)
     if loaded is None:
-        loaded = _load(
-            source, device=device, dtype=dtype, seed=seed, progress=progress, offload=offload
-        )
-        _store().put("model", key, loaded, MAX_MODELS)
+        with _one_load_at_a_time(store, progress):
+            loaded = store.get("model", key)
+            if loaded is None:
+                loaded = _load(
+                    source,
+                    device=device,
+                    dtype=dtype,
+                    seed=seed,
+                    progress=progress,
+                    offload=offload,
+                )
+                store.put("model", key, loaded, MAX_MODELS)
     return loaded
 
 

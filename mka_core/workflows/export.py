@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,10 +22,11 @@ from torch import nn
 from transformers import GenerationConfig
 
 from mka_core.compression.plan import Plan
+from mka_core.engine.adapters import checkpoint_items, stored_expert_layout
 from mka_core.engine.layerpass import Stack, as_stack
 from mka_core.engine.weights import check_disk_space, write_shards
 from mka_core.errors import MkaInputError, ProgressFn
-from mka_core.files import temp_dir
+from mka_core.files import move_into_place, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +72,6 @@ def check_destination(out: Path, overwrite: bool, loaded_from) -> None:
                 f"{out} exists and is not empty; choose another folder or pass overwrite=True "
                 f"(--overwrite) to replace it"
             )
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder onto `out`, replacing an existing one only once it is done."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.rmdir(backup)
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _check_extra(extra_files: dict, plan) -> None:
@@ -145,7 +129,12 @@ def save_model(
     stack = as_stack(model)
     infos0 = stack.recipe.infos()
     dtype = out_dtype_of(out_dtype) or _main_dtype(infos0)
-    infos = stack.recipe.infos(dtype)
+    # experts go one tensor per expert, as save_pretrained writes them (engine.adapters)
+    infos, produce = checkpoint_items(
+        stack.recipe.infos(dtype),
+        lambda name: stack.recipe.tensor(name, dtype),
+        stored_expert_layout(stack.skeleton, stack.store),
+    )
 
     out = Path(out_dir).expanduser()
     check_destination(out, overwrite, loaded_from)
@@ -159,7 +148,7 @@ def save_model(
     except OSError as e:
         raise MkaInputError(f"cannot write into {out.parent}: {e.strerror}") from None
     try:
-        write_shards(tmp, infos, lambda i: stack.recipe.tensor(i.name, dtype), progress=progress)
+        write_shards(tmp, infos, produce, progress=progress)
         _write_config(stack, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -169,7 +158,7 @@ def save_model(
             if (tmp / name).exists():
                 raise MkaInputError(f"extra file {name} would replace a file of the saved model")
             (tmp / name).write_text(text, encoding="utf-8")
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
