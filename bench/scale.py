@@ -12,11 +12,21 @@ where this process may (root), so reads come from the disk.
 
 The analysis is compared with what it cannot beat: reading the weights once (bytes / the disk's
 measured read speed) plus the forward pass' FLOPs (2 × block parameters × tokens) at the measured
-bf16 matmul throughput. 70B is estimated by arithmetic from the 8B measurement.
+bf16 matmul throughput. 70B is estimated by arithmetic from the 8B measurement, and measured on
+a random model of **Llama-3-70B's widths** with 4 of its 80 layers (d_model 8192, MLP 28672, 64/8
+heads, vocabulary 128 256, untied; 11 GB of bf16): one block, the embedding and the LM head are
+70B's own, so every command's memory is what it is on 70B (the time is not: 4 blocks, not 80).
+Its chain removes 1 of the 4 layers (the first and the last are protected).
+
+``python -m bench.scale --model llama3-70b-wide-4l`` runs one model's chain alone: its rows in
+scale.csv are replaced and the scale section of BENCHMARKS.md is rewritten (nothing else). The
+models and the chains' outputs (exports of 8-15 GB) go under $MKA_SCALE_DIR (default
+bench/results/tmp, git-ignored).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -26,12 +36,14 @@ import sys
 import time
 from pathlib import Path
 
-from .common import REPO, Settings, say, write_csv, write_json
+from .common import DEFAULT_OUT, REPO, Settings, read_csv, read_json, say, write_csv, write_json
 
-MODELS_DIR = REPO / "bench" / "results" / "tmp" / "models"
-WORK_DIR = REPO / "bench" / "results" / "tmp" / "scale"
+SCALE_DIR = Path(os.environ.get("MKA_SCALE_DIR") or REPO / "bench" / "results" / "tmp")
+MODELS_DIR = SCALE_DIR / "models"
+WORK_DIR = SCALE_DIR / "scale"
 COLUMNS = ["model", "mode", "command", "seconds", "peak_gb", "rc", "note"]
 SAMPLES, TOKENS, REMOVE, EVAL_TOKENS = 16, 64, 8, 512
+WIDE_70B, REMOVE_WIDE = "llama3-70b-wide-4l", 1  # 4 layers, the first and last protected
 LLAMA_70B = dict(
     hidden_size=8192,
     intermediate_size=28672,
@@ -163,7 +175,9 @@ def _block_params(cfg: dict) -> int:
     return 2 * d * d + 2 * d * kv + 3 * d * mlp + 2 * d
 
 
-def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> None:
+def chain(
+    name: str, source: str, modes: list[str], rows: list, runs: dict, remove: int = REMOVE
+) -> None:
     for mode in modes:
         flag = "--offload" if mode == "streamed" else "--no-offload"
         work = WORK_DIR / f"{name}-{mode}"
@@ -179,12 +193,12 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
             (
                 "plan shortgpt",
                 ["plan", *common, "--analysis", str(work / "analysis"), "--planner", "shortgpt"]
-                + ["--layers-to-remove", str(REMOVE), "--out", str(work / "shortgpt.json")],
+                + ["--layers-to-remove", str(remove), "--out", str(work / "shortgpt.json")],
             ),
             (
                 "plan mka",
                 ["plan", *common, "--analysis", str(work / "analysis"), "--planner", "mka"]
-                + ["--layers-to-remove", str(REMOVE), "--out", str(work / "mka.json")],
+                + ["--layers-to-remove", str(remove), "--out", str(work / "mka.json")],
             ),
             (
                 "apply mka → export",
@@ -228,10 +242,12 @@ def chain(name: str, source: str, modes: list[str], rows: list, runs: dict) -> N
                     note=note + ("" if r["cold"] else " (page cache not dropped)"),
                 )
             )
-            runs[(name, mode, label)] = r
+            runs[(name, mode, label)] = {**r, "args": args}
             say(f"scale:   {r['seconds']} s, peak {r['peak_gb']} GB, rc {r['rc']} {note}")
             if r["rc"]:
                 break
+            if label.startswith("evaluate"):  # the export is needed no more: free its disk space
+                shutil.rmtree(work / "merged", ignore_errors=True)
         shutil.rmtree(work / "merged", ignore_errors=True)
         shutil.rmtree(work / "pruned", ignore_errors=True)
 
@@ -253,6 +269,9 @@ def run(settings: Settings, out: Path) -> dict:
     gflops, read = bf16_gflops(), disk_read_gbps(folder_8b)
     chain("llama3-8b", str(folder_8b), ["streamed"], rows, runs)
     gflops, read = max(gflops, bf16_gflops()), max(read, disk_read_gbps(folder_8b))
+    folder_70, s70 = ensure_model(WIDE_70B)
+    written[WIDE_70B] = s70
+    chain(WIDE_70B, str(folder_70), ["streamed"], rows, runs, remove=REMOVE_WIDE)
     cfg8 = SHAPES["llama3-8b"]
     block8 = _block_params(cfg8)
     model_bytes = SafetensorsStore(folder_8b).n_bytes
@@ -263,17 +282,9 @@ def run(settings: Settings, out: Path) -> dict:
     analysis = runs.get(("llama3-8b", "streamed", "analyze"), {})
     ratio = analysis.get("seconds", math.nan) / predicted
     peaks8 = [r["peak_gb"] for r in rows if r["model"] == "llama3-8b" and r["peak_gb"]]
-    # 70B by arithmetic: the 8B peak less its largest resident piece (one block in bf16 for the
-    # analysis; the two LM heads, original and compressed, for the evaluation), plus 70B's
+    # 70B's sizes by arithmetic (its memory is measured on the 70B-wide model)
     block70 = _block_params(LLAMA_70B)
-    head8, head70 = 2 * cfg8["vocab_size"] * 4096, 2 * LLAMA_70B["vocab_size"] * 8192
-    eval8 = runs.get(("llama3-8b", "streamed", "evaluate export vs original"), {}).get("peak_gb")
-    ana8 = analysis.get("peak_gb")
-    est = {}
-    if ana8:
-        est["analyze_peak_gb"] = round(ana8 + 2 * (block70 - block8) / 1e9, 2)
-    if eval8:
-        est["evaluate_peak_gb"] = round(eval8 + 2 * (head70 - head8) / 1e9, 2)
+    head70 = 2 * LLAMA_70B["vocab_size"] * 8192
     summary = {
         "bf16_gflops": round(gflops, 1),
         "disk_read_gbps": round(read, 3),
@@ -290,8 +301,8 @@ def run(settings: Settings, out: Path) -> dict:
             "lm_head_bytes_bf16": head70,
             "weights_bytes_bf16": 2
             * (block70 * LLAMA_70B["num_hidden_layers"] + 2 * LLAMA_70B["vocab_size"] * 8192),
-            **est,
         },
+        **wide_summary(rows, runs, folder_70),
         "written_s": written,
         "samples": SAMPLES,
         "tokens": TOKENS,
@@ -301,3 +312,56 @@ def run(settings: Settings, out: Path) -> dict:
     write_csv(out / "scale.csv", rows, COLUMNS)
     write_json(out / "scale.json", summary)
     return summary
+
+
+def wide_summary(rows: list[dict], runs: dict, folder: Path) -> dict:
+    """scale.json's facts about the 70B-wide chain: size, largest peak, the exact commands."""
+    from mka_core.engine.weights import SafetensorsStore
+    from mka_core.models.synthetic import SHAPES
+
+    peaks = [r["peak_gb"] for r in rows if r["model"] == WIDE_70B and r["peak_gb"]]
+    commands = {
+        label: "python -m mka_core " + " ".join(r["args"])
+        for (model, _, label), r in runs.items()
+        if model == WIDE_70B
+    }
+    return {
+        "wide_70b": {
+            "shape": WIDE_70B,
+            "n_layers": SHAPES[WIDE_70B]["num_hidden_layers"],
+            "bytes": SafetensorsStore(folder).n_bytes,
+            "remove": REMOVE_WIDE,
+            "max_peak_gb": max(peaks) if peaks else None,
+            "commands": commands,
+        }
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One model's chain alone: its rows of scale.csv replaced, scale.json updated, and the scale
+    section of BENCHMARKS.md rewritten (the other sections are left as they are)."""
+    from .render_scale import splice_scale_section
+
+    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=main.__doc__)
+    ap.add_argument("--model", choices=[WIDE_70B], default=WIDE_70B)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    ap.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="report to update")
+    args = ap.parse_args(argv)
+    folder, seconds = ensure_model(args.model)
+    rows: list[dict] = []
+    runs: dict = {}
+    chain(args.model, str(folder), ["streamed"], rows, runs, remove=REMOVE_WIDE)
+    old = read_csv(args.out / "scale.csv") if (args.out / "scale.csv").exists() else []
+    write_csv(args.out / "scale.csv", [r for r in old if r["model"] != args.model] + rows, COLUMNS)
+    summary = read_json(args.out / "scale.json", {}) or {}
+    summary.update(wide_summary(rows, runs, folder))
+    if seconds is not None:
+        summary.setdefault("written_s", {})[args.model] = seconds
+    write_json(args.out / "scale.json", summary)
+    splice_scale_section(args.out, args.md)
+    say(f"scale: {args.model} done: {args.out / 'scale.csv'}, {args.md}")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

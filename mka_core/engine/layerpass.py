@@ -32,11 +32,18 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mka_core.engine.adapters import module_view
 from mka_core.engine.recipe import LAYER_PREFIX, ModelRecipe
 from mka_core.engine.weights import ModuleStore, SafetensorsStore, TensorStore
 from mka_core.errors import MkaInputError, ProgressFn, report
 
 log = logging.getLogger(__name__)
+
+
+# stored bytes of block j + 1 read ahead while block j computes: a whole Llama-3-8B block (0.44 GB
+# of bf16), 1 GiB of a Llama-3-70B one (1.71 GB), so a streamed pass holds one block plus 1 GiB,
+# not two blocks (3.4 GB on 70B, which left no room under 4 GB)
+PREFETCH_BYTES = 1024**3
 
 
 class _Stop(Exception):
@@ -104,6 +111,7 @@ class Stack:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         skeleton = build_skeleton(config, dtype)
         config = skeleton.config  # the model sets the attention implementation on its config
+        store = module_view(store, list(skeleton.state_dict()))  # experts stored one by one
         _check_names(skeleton, store, folder)
         recipe = ModelRecipe.identity(store, config)
         stack = cls(recipe, device, dtype, skeleton=skeleton, folder=folder)
@@ -117,8 +125,8 @@ class Stack:
         """A stack of `composition` of this stack's blocks (merges computed when used)."""
         return self._derived(self.recipe.compose(composition))
 
-    def prune(self, selections: list[dict], sizes: dict) -> Stack:
-        return self._derived(self.recipe.prune(selections, sizes))
+    def prune(self, selections: list[dict], sizes: dict, rules: dict) -> Stack:
+        return self._derived(self.recipe.prune(selections, sizes, rules))
 
     # -- facts ------------------------------------------------------------------------------
 
@@ -163,10 +171,23 @@ class Stack:
 
     # -- modules, one at a time ---------------------------------------------------------------
 
-    def fetch_sources(self, j: int) -> dict[str, torch.Tensor]:
-        """Read the stored tensors block `j` is computed from (I/O only: run it in a thread
-        while the previous block computes)."""
-        return {name: self.store.get(name) for name in self.recipe.source_names(j)}
+    def fetch_sources(
+        self, j: int, limit: int | None = None, have: dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Read the stored tensors block `j` is computed from, in order, the first `limit` bytes
+        of them (at least one tensor; all without a limit), besides those already in `have`
+        (I/O only: run it in a thread while the previous block computes)."""
+        out = dict(have or {})
+        total = 0
+        for name in self.recipe.source_names(j):
+            if name in out:
+                continue
+            nbytes = self.store.info(name).nbytes
+            if limit is not None and total and total + nbytes > limit:
+                break
+            out[name] = self.store.get(name)
+            total += nbytes
+        return out
 
     @contextlib.contextmanager
     def block(self, j: int, sources: dict | None = None) -> Iterator[nn.Module]:
@@ -176,7 +197,7 @@ class Stack:
             yield self.resident.model.layers[self.recipe.blocks[j][0].layer]
             return
 
-        cls = type(self.skeleton.model.layers[0])
+        cls = type(self.skeleton.model.layers[self.recipe.blocks[j][0].layer])  # hybrids differ
         with init_empty_weights(include_buffers=False):
             try:
                 blk = cls(self.config, j)
@@ -229,6 +250,67 @@ class Stack:
             return out
 
         yield norm, logits  # the modules go when the caller's context ends
+
+    @contextlib.contextmanager
+    def final_norm(self) -> Iterator[nn.Module]:
+        """The final norm on the compute device for the context (streamed: without the LM head)."""
+        if self.resident is not None:
+            yield self.resident.model.norm
+        else:
+            yield self._from_store(self.skeleton.model.norm)
+
+    def logit_slices(
+        self, rows: int
+    ) -> Iterator[tuple[int, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The LM head `rows` vocabulary ids at a time: (first id, logits function (n, d_model) →
+        (n, ≤ rows), soft-capped as in `head`). In memory, views of the head's weight; streamed,
+        each slice is read (the next one while this one computes) and dropped when the loop moves
+        on, so the head (Llama-3-70B's: 2.1 GB of bf16) is never held whole."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise MkaInputError(f"LM-head slice must be an integer >= 1 rows, got {rows!r}")
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if self.resident is not None:
+            lm = self.resident.get_output_embeddings()
+            n_vocab = int(lm.weight.shape[0])
+
+            def read(v0: int, v1: int):
+                bias = getattr(lm, "bias", None)
+                return lm.weight[v0:v1], None if bias is None else bias[v0:v1]
+
+        else:
+            lm = self.skeleton.get_output_embeddings()
+            w_name = _param_name(self.skeleton, lm, "weight")
+            if w_name not in self.store:  # tied: the embedding table, stored once
+                w_name = _param_name(self.skeleton, self.skeleton.get_input_embeddings(), "weight")
+            b_name = _param_name(self.skeleton, lm, "bias") if lm.bias is not None else None
+            n_vocab = int(self.store.info(w_name).shape[0])
+
+            def read(v0: int, v1: int):
+                b = None if b_name is None else self.store.get_row_range(b_name, v0, v1)
+                return self.store.get_row_range(w_name, v0, v1), b
+
+        spans = [(v0, min(v0 + rows, n_vocab)) for v0 in range(0, n_vocab, rows)]
+        pool = ThreadPoolExecutor(1) if self.streamed and len(spans) > 1 else None
+        try:
+            ahead = pool.submit(read, *spans[0]) if pool else None
+            for k, (v0, v1) in enumerate(spans):
+                w, b = ahead.result() if pool else read(v0, v1)
+                if pool and k + 1 < len(spans):
+                    ahead = pool.submit(read, *spans[k + 1])
+                w = w.to(self.device, self.dtype)  # (≤ rows, d_model)
+                b = None if b is None else b.to(self.device, self.dtype)
+
+                def logits(h: torch.Tensor, w=w, b=b) -> torch.Tensor:
+                    out = torch.nn.functional.linear(h, w, b)  # (n, ≤ rows)
+                    if cap:
+                        out = torch.tanh(out / cap) * cap
+                    return out
+
+                yield v0, logits
+                del w, b, logits
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _from_store(self, module: nn.Module) -> nn.Module:
         """A small skeleton module (norm, LM head) with its tensors read from the store."""
@@ -409,13 +491,18 @@ class LayerPass:
         stop = stack.n_layers if stop is None else stop
         start = self.pos
         # streamed: read block j + 1 from disk while block j computes (reads are plain file I/O,
-        # which releases the GIL and uses no torch threads, so the two do not compete for cores)
+        # which releases the GIL and uses no torch threads, so the two do not compete for cores),
+        # up to PREFETCH_BYTES of it; the rest is read once block j is gone
         pool = ThreadPoolExecutor(1) if stack.streamed and stop > start else None
-        ahead = pool.submit(stack.fetch_sources, start) if pool else None
+        ahead = pool.submit(stack.fetch_sources, start, PREFETCH_BYTES) if pool else None
         try:
             for j in range(start, stop):
-                sources = ahead.result() if ahead else None
-                ahead = pool.submit(stack.fetch_sources, j + 1) if pool and j + 1 < stop else None
+                sources = stack.fetch_sources(j, have=ahead.result()) if ahead else None
+                ahead = (
+                    pool.submit(stack.fetch_sources, j + 1, PREFETCH_BYTES)
+                    if pool and j + 1 < stop
+                    else None
+                )
                 self._run_block(j, sources, hooks)
                 self.pos = j + 1
                 if after_block is not None:
@@ -452,7 +539,7 @@ class LayerPass:
         """The final hidden states (after the final norm) of every batch; runs the rest first."""
         if self.pos < self.stack.n_layers:
             self.run()
-        with self.stack.head() as (norm, _):
+        with self.stack.final_norm() as norm:
             return [norm(h) for h in self.hidden]
 
     def masks(self) -> list[torch.Tensor | None]:
@@ -464,6 +551,13 @@ class LayerPass:
 
 
 LOGITS_ELEMENTS = 16 * 1024**2  # float32 logits per LM-head call: 64 MB (a few copies live)
+HEAD_SLICE_ELEMENTS = 32 * 1024**2  # LM-head values per vocabulary slice: 64 MB of bf16
+
+
+def head_slice_rows(vocab_size: int, d_model: int) -> int:
+    """Vocabulary ids per LM-head slice (`Stack.logit_slices`), from the widths alone: in memory
+    and streamed, a head is sliced the same way."""
+    return max(1, min(int(vocab_size), HEAD_SLICE_ELEMENTS // max(int(d_model), 1)))
 
 
 def logit_chunk(vocab_size: int) -> int:

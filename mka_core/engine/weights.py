@@ -5,7 +5,8 @@
 or an index naming absent tensors is a one-line `MkaInputError`, before any work), and hands out
 one tensor at a time: a whole tensor read at its offset into memory of its own (`read_range`, no
 memory map, so a thread can read the next block while torch computes, and memory is exactly the
-tensor's); slices and embedding rows through ``safetensors.safe_open``'s memory map.
+tensor's); a range of rows the same way (an LM head a slice of the vocabulary at a time); corners
+and embedding rows through ``safetensors.safe_open``'s memory map.
 
 `ModuleStore` gives the same interface over a model held in memory, so the code that merges,
 prunes and exports tensors does not care where the weights live.
@@ -213,6 +214,11 @@ class TensorStore:
         """The top-left corner [:rows, :cols] of a 2-D tensor (for fingerprints)."""
         return self.get(name)[:rows, :cols].clone()
 
+    def get_row_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of a tensor (a slice of an LM head's vocabulary), without keeping
+        the whole tensor."""
+        return self.get(name)[start:stop]
+
     @property
     def n_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
@@ -322,6 +328,30 @@ class SafetensorsStore(TensorStore):
     def get_slice(self, name: str, rows: int, cols: int) -> torch.Tensor:
         with self._open(name) as f:
             return f.get_slice(name)[:rows, :cols].clone()
+
+    def get_row_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1, read like `get` (one contiguous range of the file, into memory of
+        its own: no memory map, no page cache, so memory is the rows and nothing else)."""
+        info = self.info(name)
+        n_rows = info.shape[0] if info.shape else 0
+        if not 0 <= start <= stop <= n_rows:
+            raise MkaInputError(
+                f"rows {start}..{stop} of {name} are out of range (it has {n_rows} rows)"
+            )
+        row_shape = info.shape[1:]
+        row_bytes = math.prod(row_shape) * _itemsize(info.dtype)
+        begin, data_start = self._offsets[name]
+        path = self.folder / self._file_of[name]
+        nbytes = (stop - start) * row_bytes
+        raw = read_range(path, data_start + begin + start * row_bytes, nbytes)  # (nbytes,) uint8
+        if raw.numel() != nbytes:
+            raise MkaInputError(f"{path.name} ended inside tensor {name} (truncated?)")
+        if nbytes == 0:
+            return torch.empty((stop - start, *row_shape), dtype=info.dtype)
+        try:
+            return raw.view(info.dtype).reshape(stop - start, *row_shape)
+        except RuntimeError:  # an offset not aligned to the element size: copy once
+            return raw.clone().view(info.dtype).reshape(stop - start, *row_shape)
 
 
 class ModuleStore(TensorStore):

@@ -9,8 +9,11 @@ Every number is measured the same way for every model so that they compare: the 
 (scored independently, no overlap), the same fixed prompt for speed, the same prompts for text.
 
 Scores run on the layer-by-layer engine, in memory or streamed, in bounded memory: the LM head is
-applied a few hundred positions at a time, so tokens × vocabulary is never held whole, and the
-original's reference for KL is its final hidden states (tokens × d_model), kept once per session.
+applied a slice of the vocabulary at a time (`Stack.logit_slices`; streamed, each slice is read from
+disk and dropped, so no head is held whole: Llama-3-70B's is 2.1 GB of bf16, and fidelity reads
+two), with each position's log-sum-exp, target logit, argmax and KL kept as running sums across the
+slices, so tokens × vocabulary is never held whole either. The original's reference for KL is its
+final hidden states (tokens × d_model in the compute dtype), kept once per session.
 Speed and generations need a model in memory; on a streamed one they are skipped, and said so.
 """
 
@@ -21,10 +24,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mka_core.engine.layerpass import LayerPass, Stack, as_stack, logit_chunk, next_token_nll
+from mka_core.engine.layerpass import LayerPass, Stack, as_stack, head_slice_rows
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.evaluation.generation import (
     STREAMED_SKIP,
@@ -42,6 +44,7 @@ from mka_core.evaluation.results import EvalResult, disk_bytes, load_results, sa
 log = logging.getLogger(__name__)
 
 PASS_ELEMENTS = 64 * 1024**2  # hidden-state values one pass holds (256 MB in fp32)
+SCAN_ELEMENTS = 4 * 1024**2  # logits per (positions × vocabulary slice) step: 16 MB in fp32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,16 +128,80 @@ def final_states(model, windows: torch.Tensor, batch_size: int, progress=None, l
     return out
 
 
-def _stats(logp_o, logp_c, targets) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Per-position NLL of both models (float64), KL(P_o || P_c) summed and top-1 agreements,
-    for one chunk."""
-    nll_o = -logp_o.gather(-1, targets[:, None]).squeeze(-1).double()
-    nll_c = -logp_c.gather(-1, targets[:, None]).squeeze(-1).double()
-    p_o = logp_o.exp()
-    # p log(p/q), with 0·log 0 = 0 where the original gives a token no mass at all
-    kl = float(torch.where(p_o > 0, p_o * (logp_o - logp_c), 0.0).sum(-1).double().sum())
-    agree = int((logp_o.argmax(-1) == logp_c.argmax(-1)).sum())
-    return nll_o, nll_c, kl, agree
+def _positions(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Every predicting position of every batch, in window order: (n_positions, d_model)."""
+    return torch.cat([h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden])
+
+
+class _Running:
+    """One model's next-token statistics per position, accumulated over vocabulary slices:
+    log-sum-exp (a running max and the sum of exp(logit - max)), the target's logit, the argmax
+    (the first id of the largest logit, as `argmax` over the whole row gives)."""
+
+    def __init__(self, n: int, device):
+        self.max = torch.full((n,), -math.inf, device=device)  # float32, as the logits
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.target = torch.zeros(n, dtype=torch.float64, device=device)
+        self.arg = torch.zeros(n, dtype=torch.long, device=device)
+
+    def add(self, p: slice, z: torch.Tensor, v0: int, targets: torch.Tensor) -> torch.Tensor:
+        """Logits z (P, R) of ids v0..v0+R-1 at positions p; returns exp(z - new max) (P, R)
+        and leaves the factor the old sums were rescaled by in `self.rescale`."""
+        top, arg = z.max(dim=-1)  # (P,), the first id of the largest logit in this slice
+        old = self.max[p].clone()
+        better = top > old  # strictly: an earlier slice keeps a tie
+        self.arg[p] = torch.where(better, arg + v0, self.arg[p])
+        new_max = torch.maximum(old, top)
+        self.rescale = torch.where(old == -math.inf, 0.0, torch.exp(old - new_max)).double()
+        e = torch.exp(z - new_max[:, None])  # (P, R)
+        self.sum[p] = self.sum[p] * self.rescale + e.sum(dim=-1).double()
+        self.max[p] = new_max
+        local = targets - v0
+        inside = (local >= 0) & (local < z.shape[1])
+        picked = z.gather(-1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1).double()
+        self.target[p] = torch.where(inside, picked, self.target[p])
+        return e
+
+    def logsumexp(self) -> torch.Tensor:
+        return self.max.double() + self.sum.log()
+
+    def nll(self) -> torch.Tensor:
+        """−log p(target) per position (float64)."""
+        return self.logsumexp() - self.target
+
+
+def _scan(stacks: list[Stack], positions: list[torch.Tensor], targets: torch.Tensor, progress):
+    """Run every position of every model through its LM head, slice by slice in step: the
+    running statistics per model and, for two models, KL(P_0 || P_1) per position (float64)."""
+    d_model = max(int(h.shape[-1]) for h in positions)
+    rows = head_slice_rows(_vocab_size(stacks[0]), d_model)
+    n = int(targets.shape[0])
+    device = positions[0].device
+    targets = targets.to(device)
+    runs = [_Running(n, device) for _ in stacks]
+    kl_part = torch.zeros(n, dtype=torch.float64, device=device)  # Σ exp(z0 - max0)·(z0 - z1)
+    step = max(1, SCAN_ELEMENTS // rows)  # positions per step
+    n_slices = -(-_vocab_size(stacks[0]) // rows)
+    for k, sliced in enumerate(zip(*(s.logit_slices(rows) for s in stacks), strict=True)):
+        v0 = sliced[0][0]
+        for p0 in range(0, n, step):
+            p = slice(p0, min(p0 + step, n))
+            z = [fn(h[p].to(device)).float() for (_, fn), h in zip(sliced, positions)]
+            if any(zi.shape != z[0].shape for zi in z):  # e.g. a head padding the vocabulary
+                raise MkaInputError(
+                    f"the models' logits differ in shape at vocabulary id {v0}: "
+                    f"{', '.join(str(tuple(zi.shape)) for zi in z)}"
+                )
+            e = [r.add(p, zi, v0, targets[p]) for r, zi in zip(runs, z)]
+            if len(z) == 2:
+                # p log(p/q) summed as exp(z0 - max0)·(z0 - z1), 0·log 0 = 0 where p has no mass
+                part = torch.where(e[0] > 0, e[0] * (z[0] - z[1]), 0.0).sum(dim=-1).double()
+                kl_part[p] = kl_part[p] * runs[0].rescale + part
+        report(progress, (k + 1) / n_slices, f"LM head: slice {k + 1}/{n_slices}")
+    kl = None
+    if len(stacks) == 2:  # E_p[z0 - z1] - (lse0 - lse1)
+        kl = kl_part / runs[0].sum - (runs[0].logsumexp() - runs[1].logsumexp())
+    return runs, kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,20 +223,15 @@ def perplexity(
     check_batch_size(batch_size)
     windows = _check_windows(windows, model)
     stack = as_stack(model)
-    chunk = logit_chunk(_vocab_size(model))
-    total, count = 0.0, 0
     with eval_mode(model), torch.inference_mode():
         hidden = final_states(
             stack, windows, batch_size, sub_progress(progress, 0, 0.9), "perplexity: "
         )
-        with stack.head() as (_, logits):
-            for s, h in zip(range(0, len(windows), batch_size), hidden, strict=True):
-                ids = windows[s : s + batch_size].to(h.device)
-                s_, c_ = next_token_nll(logits, h, ids, None, chunk)
-                total += s_
-                count += c_
+        targets = windows[:, 1:].reshape(-1)  # (n_positions,), in the order of _positions
+        (run,), _ = _scan([stack], [_positions(hidden)], targets, sub_progress(progress, 0.9, 1.0))
+        nll = run.nll().cpu()
     report(progress, 1.0, f"perplexity: {len(windows)} windows")
-    return _exp(total / count)
+    return _exp(float(nll.sum()) / len(nll))
 
 
 def _reference(original, windows, batch_size, reference_cache, progress):
@@ -225,38 +287,22 @@ def fidelity(
         )
     windows = _check_windows(windows, original, compressed)
     so, sc = as_stack(original), as_stack(compressed)
-    chunk = logit_chunk(v_orig)
     n_windows, width = int(windows.shape[0]), int(windows.shape[1])
-    win_o = torch.zeros(n_windows, dtype=torch.float64)  # NLL summed per window
-    win_c = torch.zeros(n_windows, dtype=torch.float64)
-    kl_sum = 0.0
-    agree = count = 0
     with eval_mode(original, compressed), torch.inference_mode():
         ref = _reference(so, windows, batch_size, reference_cache, sub_progress(progress, 0, 0.4))
         comp = final_states(
-            sc, windows, batch_size, sub_progress(progress, 0.4, 0.9), "compressed: "
+            sc, windows, batch_size, sub_progress(progress, 0.4, 0.8), "compressed: "
         )
-        with so.head() as (_, logits_o), sc.head() as (_, logits_c):
-            for s, h_o, h_c in zip(range(0, len(windows), batch_size), ref, comp, strict=True):
-                ids = windows[s : s + batch_size]
-                targets = ids[:, 1:].reshape(-1)
-                ho = h_o[:, :-1].reshape(-1, h_o.shape[-1])
-                hc = h_c[:, :-1].reshape(-1, h_c.shape[-1]).to(ho.device)
-                for c in range(0, ho.shape[0], chunk):
-                    lo = F.log_softmax(logits_o(ho[c : c + chunk]).float(), dim=-1)  # (chunk, V)
-                    lc = F.log_softmax(logits_c(hc[c : c + chunk].to(h_c.device)).float(), dim=-1)
-                    lc = lc.to(lo.device)
-                    if lc.shape != lo.shape:  # e.g. a head that pads the vocabulary differently
-                        raise MkaInputError(
-                            f"the models' logits differ in shape: original {tuple(lo.shape)}, "
-                            f"compressed {tuple(lc.shape)}"
-                        )
-                    a, b, k, g = _stats(lo, lc, targets[c : c + chunk].to(lo.device))
-                    rows = s + torch.arange(c, c + len(a)) // (width - 1)  # window of each position
-                    win_o.index_add_(0, rows, a.cpu())
-                    win_c.index_add_(0, rows, b.cpu())
-                    kl_sum, agree = kl_sum + k, agree + g
-                count += ids.shape[0] * (ids.shape[1] - 1)
+        targets = windows[:, 1:].reshape(-1)  # (n_positions,), in the order of _positions
+        (run_o, run_c), kl = _scan(
+            [so, sc], [_positions(ref), _positions(comp)], targets, sub_progress(progress, 0.8, 1)
+        )
+        agree = int((run_o.arg == run_c.arg.to(run_o.arg.device)).sum())
+        # NLL summed per window: (n_windows,)
+        win_o = run_o.nll().cpu().view(n_windows, width - 1).sum(dim=1)
+        win_c = run_c.nll().cpu().view(n_windows, width - 1).sum(dim=1)
+        kl_sum = float(kl.sum())
+    count = n_windows * (width - 1)
     nll_o, nll_c = float(win_o.sum()), float(win_c.sum())
     report(progress, 1.0, f"fidelity: {len(windows)} windows")
     return {

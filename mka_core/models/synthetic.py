@@ -31,6 +31,19 @@ SHAPES = {
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     ),
+    # Llama-3-70B's widths with 4 of its 80 layers (11 GB of bf16): one block (1.71 GB), the
+    # embedding and the LM head (2.10 GB each) are 70B's own, so per-command memory is 70B's
+    "llama3-70b-wide-4l": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=4,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
     "llama-1b": dict(  # TinyLlama-1.1B's shape, with the bundled tokenizer's vocabulary
         hidden_size=2048,
         intermediate_size=5632,
