@@ -38,7 +38,6 @@ sizes to the target, re-scoring the partly pruned model before each round.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import numbers
@@ -50,8 +49,9 @@ import torch
 from torch import nn
 
 from mka_core.data.corpus import CalibrationBatch
-from mka_core.engine.adapters import BlockAdapter, model_adapter, module_shapes, narrow
-from mka_core.engine.layerpass import LayerPass, as_stack
+from mka_core.engine.adapters import BlockAdapter, model_adapter, module_shapes
+from mka_core.engine.layerpass import LayerPass, Stack, as_stack
+from mka_core.engine.materialize import materialize
 from mka_core.engine.recipe import LAYER_PREFIX
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.models.loading import count_params, get_layers
@@ -289,31 +289,6 @@ def score_units(model, batch: CalibrationBatch, batch_size: int = 16) -> TransAc
 # slicing
 
 
-def _prune_block(
-    block: nn.Module, adapter: BlockAdapter, sel: dict, shape: _Shape, groups: list, p_new: int
-) -> None:
-    """Narrow, in place, every tensor of `block` the adapter names by the selection `sel` (indices
-    into the units the block holds now), then the sizes its modules keep beside their weights."""
-    counts = {"heads": shape.n_heads, "kv": shape.n_kv}
-    sel = {k: sel.get(k) for k in ("mlp", "heads", "kv")}
-    for rel, rule in adapter.rules.items():
-        owner_name, _, leaf = rel.rpartition(".")
-        owner = block.get_submodule(owner_name)
-        old = getattr(owner, leaf)
-        new = narrow(old.data, rule, sel, counts, shape.head_dim).contiguous()
-        setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
-    for mod in block.modules():
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = mod.weight.shape
-    width = adapter.mlp_width(module_shapes(block))
-    for mod in (block.mlp, getattr(block.mlp, "experts", None)):
-        for name in ("intermediate_size", "intermediate_dim"):
-            if mod is not None and hasattr(mod, name):
-                setattr(mod, name, width)
-    if sel["heads"] is not None:
-        _set_head_counts(block.self_attn, shape.head_dim, len(sel["heads"]), len(groups), p_new)
-
-
 def _choose_heads(scores: np.ndarray, shape: _Shape, g_new: int, p_new: int) -> tuple[list, list]:
     """Which KV groups and which query heads (current indices, sorted) survive in one layer."""
     per = scores.reshape(shape.n_kv, shape.per_group)  # (n_kv, per_group)
@@ -329,21 +304,6 @@ def _choose_heads(scores: np.ndarray, shape: _Shape, g_new: int, p_new: int) -> 
     return [int(g) for g in groups], heads
 
 
-def _set_head_counts(attn: nn.Module, hd: int, n_heads: int, n_kv: int, p_new: int) -> None:
-    # what the attention forward reads (transformers 5 reshapes with -1 and head_dim, and repeats
-    # KV heads num_key_value_groups times; Phi-3 slices qkv by num_key_value_heads); older or
-    # other classes may also keep head counts
-    attn.head_dim = hd
-    attn.num_key_value_groups = p_new
-    for name, value in (
-        ("num_heads", n_heads),
-        ("num_attention_heads", n_heads),
-        ("num_key_value_heads", n_kv),
-    ):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
-
-
 def _config_sizes(shape: _Shape, mlp_key: str) -> dict:
     return {
         mlp_key: shape.intermediate,
@@ -351,18 +311,6 @@ def _config_sizes(shape: _Shape, mlp_key: str) -> dict:
         "num_key_value_heads": shape.n_kv,
         "head_dim": shape.head_dim,  # explicit: it no longer equals hidden_size // n_heads
     }
-
-
-def _set_config(model: nn.Module, shape: _Shape, mlp_key: str) -> None:
-    cfg = model.config
-    sizes = _config_sizes(shape, mlp_key)
-    for key, value in sizes.items():
-        setattr(cfg, key, value)
-    for layer in get_layers(model):  # blocks normally share the model's config; be sure
-        for mod in (layer.self_attn, layer.mlp):
-            if getattr(mod, "config", cfg) is not cfg:
-                for key, value in sizes.items():
-                    setattr(mod.config, key, value)
 
 
 def _top_neurons(scores: np.ndarray, keep: int) -> np.ndarray:
@@ -400,22 +348,17 @@ def _schedule(shape0: _Shape, d_model: int, mlp_keep, heads_keep, shots) -> list
 class _Run:
     """The state of one prune: the model so far, and the original index of every unit it keeps."""
 
-    out: object  # nn.Module, or a streamed Stack
+    out: Stack  # the recipe so far (over the model in memory, or streamed)
     adapter: BlockAdapter
     shape: _Shape
     mlp_index: list  # per layer: (width,), or (n_experts, width) original neuron indices
     head_index: list  # per layer: (n_heads,) original head indices
-
-    @property
-    def streamed(self) -> bool:
-        return not isinstance(self.out, nn.Module)
 
     def shot(self, scores: TransActScores, inter: int, g_new: int, p_new: int) -> None:
         """Cut every layer to `inter` neurons and `g_new` KV groups of `p_new` heads."""
         shape = self.shape
         changes_mlp = inter < shape.intermediate
         changes_heads = (g_new, p_new) != (shape.n_kv, shape.per_group)
-        layers = None if self.streamed else get_layers(self.out)
         selections = []
         for i in range(len(self.mlp_index)):
             sel, groups = {}, []
@@ -429,17 +372,10 @@ class _Run:
                 if len(groups) < shape.n_kv:
                     sel["kv"] = torch.as_tensor(groups, dtype=torch.long)
                 self.head_index[i] = self.head_index[i][heads]
-            if layers is not None:
-                _prune_block(layers[i], self.adapter, sel, shape, groups, p_new)
             selections.append(sel)
         self.shape = _Shape(inter, g_new * p_new, g_new, shape.head_dim, shape.n_experts)
         key = self.adapter.mlp_size_key(self.out.config)
-        if self.streamed:
-            self.out = self.out.prune(
-                selections, _config_sizes(self.shape, key), self.adapter.rules
-            )
-        else:
-            _set_config(self.out, self.shape, key)
+        self.out = self.out.prune(selections, _config_sizes(self.shape, key), self.adapter.rules)
 
 
 def _flat_units(index: np.ndarray, width: int) -> list[int]:
@@ -475,6 +411,17 @@ def _make_report(
     )
 
 
+def _built(model: nn.Module, built: nn.Module, inplace: bool) -> nn.Module:
+    """`built`, or with `inplace` the caller's model given its blocks and config."""
+    if not inplace:
+        return built
+    model.model.layers = built.model.layers
+    for key, value in vars(built.config).items():
+        if not key.startswith("_"):
+            setattr(model.config, key, value)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # the entry point
 
@@ -493,9 +440,10 @@ def prune(
 
     mlp_keep / heads_keep: a ratio in (0, 1] of the model's current intermediate size (an expert's,
     for experts) / query heads, or an absolute count (an int > 1; ``1`` means the ratio 1.0, keep
-    all). Returns the pruned model (a deep copy unless `inplace`) and a TransActReport. A streamed
-    model (`engine.Stack`) gives a streamed result: the kept units are recorded in its recipe and
-    cut when a block is built.
+    all). Returns the pruned model (a new one; the given model itself, changed, when `inplace`) and
+    a TransActReport. Every cut is recorded in the model's recipe (`engine.recipe`) and made when a
+    block is built: a streamed model gives a streamed result, a model in memory the recipe built
+    whole (`engine.materialize`), so both are the same numbers.
     """
     t_start = time.perf_counter()
     adapter, _ = _adapter(model)
@@ -507,8 +455,8 @@ def prune(
     shots = len(plan)
 
     params_before = count_params(model)
-    out = model if inplace or streamed else copy.deepcopy(model)
-    n_layers = out.n_layers if streamed else len(get_layers(out))
+    out = as_stack(model)  # every cut is a recipe selection, in memory and streamed alike
+    n_layers = out.n_layers
     width = np.arange(shape0.intermediate)
     run = _Run(
         out,
@@ -546,10 +494,9 @@ def prune(
             f"{shape.n_heads} heads over {shape.n_kv} KV heads",
         )
     out, shape = run.out, run.shape
-    if not streamed:
-        _set_config(out, shape, adapter.mlp_size_key(out.config))  # head_dim explicit always
+    if not streamed:  # the recipe built in memory: the model an export of it would reload
+        out = _built(model, materialize(out), inplace)
         assert get_layers(out)[0].self_attn.o_proj.in_features == shape.n_heads * shape.head_dim
-
     rep = _make_report(run, shape0, params_before, shot_log, scores, last_index, t_start)
     log.info(
         "TransAct: intermediate %d -> %d, heads %d/%d -> %d/%d, params %d -> %d",
