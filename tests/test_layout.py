@@ -182,3 +182,12 @@ def test_no_comment_cites_a_file_users_do_not_have():
         if "SPEC §" in line or "SPEC.md" in line
     ]
     assert not hits, hits
+
+
+def test_tests_mirror_the_stages():
+    """A stage's tests live in tests/<stage>/ (the base modules' beside this file)."""
+    for stage in STAGES:
+        if stage in ("base", "figures"):  # figures are exercised through the app tests
+            continue
+        folder = ROOT / "tests" / stage
+        assert any(folder.glob("test_*.py")), f"no tests in tests/{stage}/"

@@ -215,7 +215,7 @@ def mergekit_yaml(plan: Plan, model_path: str | None = None, out_dtype: str | No
     kept and dropped layers, ``linear`` (weights as given, not normalised, computed in fp32) when
     the plan merges layers, each merged layer a slice of one-layer sources (see `_alias`).
     layer_range is half-open [start, end). Run by mergekit, it gives the tensors of our export
-    (tests/test_mergekit.py)."""
+    (tests/workflows/test_mergekit.py)."""
     if not isinstance(plan, Plan):
         raise MkaInputError(f"mergekit_yaml needs a Plan, got {type(plan).__name__}")
     slices = _slices(plan)

@@ -11,6 +11,7 @@ from mka_core.compression.planners.registry import Planner, get
 from mka_core.compression.planners.search import SEARCH_SAMPLES
 from mka_core.compression.planners.settings import ALPHA_NEEDS, PlanJob, PlanSettings
 from mka_core.data.corpus import CalibrationBatch
+from mka_core.engine.layerpass import as_stack
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.models.loading import LoadedModel
 
@@ -55,6 +56,10 @@ def plan_layers(
         protected=frozenset(protected_layers(n, settings.protect_first, settings.protect_last)),
         progress=progress,
     )
+    stack = as_stack(loaded.model)
+    if {"merge", "collapse"} & set(planner.does) and not planner.takes_picks:
+        # refuse before any search: merging mixture-of-experts blocks is refused at apply anyway
+        stack.recipe.check_composition([[(i, 0.5), (i + 1, 0.5)] for i in range(n - 1)])
     planned = planner.run(job)
     fixed = {"alpha": settings.alpha} if settings.alpha_rule == "fixed" else {}
     if planner.takes_picks:
@@ -68,7 +73,9 @@ def plan_layers(
         "alpha": planned.alpha,
         "params": params,
     }
-    return make_plan(loaded, planned.steps, method)
+    plan = make_plan(loaded, planned.steps, method)
+    stack.recipe.check_composition(plan.layers)  # a manual merge of MoE layers, refused now
+    return plan
 
 
 def _budget_params(job: PlanJob) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from mka_core.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--model", "tiny:llama", "--quiet"]
 CALIB = ["--samples", "24", "--tokens", "32"]
 EVAL = ["--budget", "1024", "--window", "256", "--no-speed", "--no-generations"]

@@ -13,7 +13,7 @@ import pytest
 
 from mka_core import ui
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = {
     "home": "pages/0_Home.py",
     "model": "pages/1_Model.py",

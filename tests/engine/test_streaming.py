@@ -24,7 +24,7 @@ from mka_core.models.tiny import tiny_config, tiny_tokenizer
 from mka_core.workflows.export import save_model
 from mka_core.workflows.pipeline import analyze, eval_windows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(arch: str):

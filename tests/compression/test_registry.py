@@ -40,7 +40,7 @@ def _toy_planner(**kw) -> Planner:
     fields = dict(
         name=TOY,
         help="test only: drop the lowest unprotected layers",
-        source="tests/test_registry.py",
+        source="tests/compression/test_registry.py",
         does=("drop",),
         run=_plan_first,
         greedy_prefix=True,
