@@ -31,6 +31,7 @@ from .render_common import (
     _sort_key,
 )
 from .render_figures import _app_figures, _cost_figures, _quality_figures
+from .render_frontier import frontier_section
 from .render_quality import (
     _laco_notes,
     _quality_table,
@@ -188,6 +189,10 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         L += img("quality_perplexity", "perplexity by method and budget")
         L += img("quality_fidelity", "KL and top-1 agreement")
         L += img("quality_size_speed", "parameters and decode speed")
+
+    L += frontier_section(
+        _read(out / "frontier.csv"), quality, read_json(out / "frontier_cost.json", None)
+    )
 
     # -- cost
     if cost:

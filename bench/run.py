@@ -29,7 +29,7 @@ from .common import (
     write_json,
 )
 
-SECTIONS = ("quality", "cost", "app", "dtype", "scale")
+SECTIONS = ("quality", "frontier", "frontier_cost", "cost", "app", "dtype", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         load_before = load_average()
         if name == "quality":
             from .quality import run
+        elif name == "frontier":
+            from .frontier import run
+        elif name == "frontier_cost":
+            from .frontier import run_cost as run
         elif name == "cost":
             from .cost import run
         elif name == "dtype":

@@ -201,6 +201,13 @@ def chain(
                 + ["--layers-to-remove", str(remove), "--out", str(work / "mka.json")],
             ),
             (
+                "plan shortgpt+linear → export",
+                ["plan", *common, "--analysis", str(work / "analysis"), "--planner", "shortgpt"]
+                + ["--layers-to-remove", str(remove), "--compensation", "linear"]
+                + ["--samples", str(SAMPLES), "--tokens", str(TOKENS)]
+                + ["--out", str(work / "linear.json"), "--apply", str(work / "linear")],
+            ),
+            (
                 "apply mka → export",
                 ["apply", str(work / "mka.json"), *common, "--out", str(work / "merged")],
             ),
@@ -228,6 +235,7 @@ def chain(
                     f"KL {res['kl']:.3g}, top-1 {res['top1']:.1%}"
                 )
             written_to = {"apply": "merged", "transact": "pruned"}.get(label.split()[0])
+            written_to = "linear" if "+linear" in label else written_to
             if written_to and r["rc"] == 0:
                 files = (work / written_to).rglob("*")
                 note = f"{sum(f.stat().st_size for f in files if f.is_file()) / 1e9:.2f} GB written"
@@ -250,6 +258,7 @@ def chain(
                 shutil.rmtree(work / "merged", ignore_errors=True)
         shutil.rmtree(work / "merged", ignore_errors=True)
         shutil.rmtree(work / "pruned", ignore_errors=True)
+        shutil.rmtree(work / "linear", ignore_errors=True)
 
 
 def run(settings: Settings, out: Path) -> dict:

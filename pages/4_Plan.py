@@ -21,6 +21,33 @@ analysis = st.session_state.get(ui.ANALYSIS)
 n = loaded.n_layers
 planners, alpha_rules = ui.planners()
 
+
+def _build_choices(where, key: str, merges: bool) -> tuple[str, str]:
+    """How merged layers are built and what corrects each cut (both need calibration data: the
+    analysis' batch, when the plan is run on the Results page)."""
+    c1, c2 = where.columns(2)
+    merge = c1.radio(
+        "Merged layers are built by",
+        list(ui.MERGE_MODES),
+        key=f"{key}_merge_mode",
+        horizontal=True,
+        disabled=not merges,
+        help="; ".join(f"**{k}**: {v}" for k, v in ui.MERGE_MODES.items()),
+    )
+    comp = c2.radio(
+        "Compensation of each cut",
+        list(ui.COMPENSATIONS),
+        key=f"{key}_compensation",
+        horizontal=True,
+        help="; ".join(f"**{k}**: {v}" for k, v in ui.COMPENSATIONS.items()),
+    )
+    where.caption(
+        f"{merge if merges else 'average'}: {ui.MERGE_MODES[merge if merges else 'average']}. "
+        f"{comp}: {ui.COMPENSATIONS[comp]}."
+    )
+    return (merge if merges else "average"), comp
+
+
 tab_budget, tab_manual, tab_import = st.tabs(
     ["Budget + planner", "Manual picks", "Import a plan file"]
 )
@@ -54,7 +81,9 @@ with tab_budget:
             "calibration data; the others predict it from a similarity measure. On the bundled "
             "model the benchmark found `sleb` (or `angular`) best or within 1 % of best at 3, 6 "
             "and 10 layers removed, the paper's `mka` behind, and TransAct (the TransAct page) "
-            "better than any layer removal at the same parameter count (BENCHMARKS.md). For your "
+            "better than any plain layer removal at the same parameter count; with the `linear` "
+            "compensation below, removals come within about 1.1× of TransAct and flattened "
+            "`mka-loss` merges close to the best drop (BENCHMARKS.md, Quality frontier). For your "
             "model, "
             "**What matters** shows how well each measure predicts the real damage and **Compare** "
             "runs the planners side by side."
@@ -109,6 +138,7 @@ with tab_budget:
             )
             protect_first = c3.checkbox("Protect the first layer", True, key="plan_protect_first")
             protect_last = c3.checkbox("Protect the last layer", True, key="plan_protect_last")
+            merge_mode, compensation = _build_choices(st, "plan", "merge" in info.does)
             make = st.form_submit_button("Make the plan", type="primary", key="plan_make")
         if make:
             try:
@@ -121,6 +151,8 @@ with tab_budget:
                     npib=npib,
                     protect_first=protect_first,
                     protect_last=protect_last,
+                    merge_mode=merge_mode,
+                    compensation=compensation,
                 )
                 with ui.progress_status(f"Planning with {planner}") as progress:
                     ui.make_budget_plan(settings, progress=progress)
@@ -165,9 +197,16 @@ with tab_manual:
             key="manual_alpha_rule",
         )
         manual_alpha = c2.slider("α (fixed rule)", 0.0, 1.0, 0.5, step=0.05, key="manual_alpha")
+        manual_merge, manual_comp = _build_choices(st, "manual", True)
         if c3.button("Make the plan from these picks", type="primary", key="manual_make"):
             try:
-                ui.make_manual_plan(picks, alpha_rule=manual_rule, alpha=manual_alpha)
+                ui.make_manual_plan(
+                    picks,
+                    alpha_rule=manual_rule,
+                    alpha=manual_alpha,
+                    merge_mode=manual_merge,
+                    compensation=manual_comp,
+                )
             except MkaInputError as e:
                 st.error(str(e))
         if st.button("Clear all picks", key="picks_clear"):
@@ -176,7 +215,7 @@ with tab_manual:
 
 with tab_import:
     uploaded = st.file_uploader(
-        "Plan JSON (format mka-plan, version 1)", type=["json"], key="plan_upload"
+        "Plan JSON (format mka-plan, version 1 or 2)", type=["json"], key="plan_upload"
     )
     if st.button("Import", key="plan_import", disabled=uploaded is None):
         try:
@@ -198,6 +237,11 @@ m = st.columns(3)
 m[0].metric("Layers", f"{plan.model.num_layers} → {plan.n_layers_out}")
 m[1].metric("Removed", plan.n_removed)
 m[2].metric("Compression ratio", f"{100 * plan.compression_ratio:.1f} %")
+if not plan.refine.is_default:
+    st.caption(
+        f"Built with merges **{plan.refine.merge}** and compensation **{plan.refine.compensation}**"
+        " on calibration data when it runs (Results page, `apply`)."
+    )
 method = plan.method
 alpha_text = method.get("alpha") or "none (no merges)"
 st.caption(

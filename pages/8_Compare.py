@@ -31,6 +31,14 @@ with st.form("compare_form"):
         key="cmp_planners",
         format_func=lambda p: f"{p} — {ui.planner_help(p)}",
     )
+    variants = st.multiselect(
+        "Also built as",
+        ["+linear", "+scale", ":flatten", ":flatten+linear"],
+        key="cmp_variants",
+        help="Each chosen planner again with its cuts compensated (+linear: ReplaceMe's map, "
+        "+scale: Prune&Comp's rescaling) or its merges flattened (:flatten, FlattenGPT; planners "
+        "that merge): see the Plan page.",
+    )
     c1, c2, c3, c4 = st.columns(4)
     budgets = c1.text_input(
         "Layers removed", ",".join(str(b) for b in (1, 2) if b < n - 2) or "1", key="cmp_budgets"
@@ -46,7 +54,13 @@ if go:
     try:
         settings = ui.eval_settings(budget, window, False, False)
         with ui.progress_status("Planning, compressing and evaluating every config") as progress:
-            ui.run_compare(chosen, budgets, transact, settings, progress=progress)
+            specs = list(chosen) + [
+                f"{p}{v}"
+                for p in chosen
+                for v in variants
+                if not v.startswith(":flatten") or "merge" in ui.planner_info(p).does
+            ]
+            ui.run_compare(specs, budgets, transact, settings, progress=progress)
     except MkaInputError as e:
         st.error(str(e))
 

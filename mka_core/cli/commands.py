@@ -3,6 +3,7 @@ machine-readable output. `cli.py` holds the parser and the error handling around
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -30,6 +31,7 @@ from mka_core.workflows.pipeline import (
     export_run,
     load_analysis,
     make_budget_plan,
+    plan_batch,
     read_run_record,
 )
 from mka_core.workflows.sweep import parse_budgets, parse_planners
@@ -248,6 +250,9 @@ def cmd_plan(args) -> int:
     if args.analysis or not planner.takes_picks or ALPHA_NEEDS[settings.alpha_rule]:
         analysis = _analysis(args, loaded, progress)
     plan = make_budget_plan(loaded, analysis, settings, progress=progress)
+    if plan.needs_data:  # the calibration its merges or cuts are built on, for apply
+        calibration = {"data": args.data, "samples": args.samples, "tokens": args.tokens}
+        plan = plan.with_refine(dataclasses.replace(plan.refine, calibration=calibration))
     write_text_atomic(out, plan.to_json(), overwrite=args.overwrite)
     exported = None
     if args.apply:
@@ -283,6 +288,8 @@ def _plan_settings(args, picks: list[dict] | None) -> PlanSettings:
         protect_last=not args.no_protect_last,
         loss_samples=args.loss_samples,
         picks=picks,
+        merge_mode=args.merge_mode,
+        compensation=args.compensation,
     )
 
 
@@ -311,12 +318,24 @@ def _parse_picks(text: str) -> list[dict]:
 def _apply_and_export(plan, loaded, args, out_dir, progress):
     """Apply `plan` to the loaded model (streamed when it is) and write the model folder."""
 
-    model = apply_plan(loaded.model, plan, progress=progress)
+    batch = _plan_batch(plan, loaded, args) if plan.needs_data else None
+    model = apply_plan(loaded.model, plan, progress=progress, batch=batch)
     stages = [{"stage": "merge", "plan": plan.to_dict()}]
     label = f"{plan.method.get('planner')} -{plan.n_removed}"
     run = Run("merge", label, model, loaded.tokenizer, loaded.source, stages, None, None, plan=plan)
     args.out = out_dir
     return _export(run, args, loaded)
+
+
+def _plan_batch(plan, loaded, args):
+    """A flattening or compensating plan's calibration: the command's options, else the plan's."""
+    return plan_batch(
+        loaded,
+        plan,
+        getattr(args, "data", None),
+        getattr(args, "samples", None),
+        getattr(args, "tokens", None),
+    )
 
 
 def cmd_apply(args) -> int:

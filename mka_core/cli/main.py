@@ -30,6 +30,12 @@ from mka_core.compression.planners import (
     budget_names,
     names,
 )
+from mka_core.compression.refinement import (
+    COMPENSATION_HELP,
+    COMPENSATIONS,
+    MERGE_HELP,
+    MERGE_MODES,
+)
 from mka_core.errors import MkaInputError
 from mka_core.workflows.sweep import TRANSACT, default_specs
 
@@ -253,6 +259,19 @@ def _add_planner_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--alpha-value", type=float, default=default.alpha, help="α for --alpha fixed")
     p.add_argument("--recompute", action="store_true", help="mka: recompute NPIB after each merge")
+    p.add_argument(
+        "--merge-mode",
+        default=default.merge_mode,
+        choices=MERGE_MODES,
+        help="; ".join(f"{k}: {v}" for k, v in MERGE_HELP.items()),
+    )
+    p.add_argument(
+        "--compensation",
+        default=default.compensation,
+        choices=COMPENSATIONS,
+        help="; ".join(f"{k}: {v}" for k, v in COMPENSATION_HELP.items())
+        + " (estimated on the calibration data, recorded in the plan)",
+    )
 
 
 def _add_apply(sub) -> None:
@@ -261,6 +280,14 @@ def _add_apply(sub) -> None:
     _add_model_args(p)
     p.set_defaults(model=None)
     p.add_argument("--force", action="store_true", help="apply even if the fingerprint differs")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="calibration text for a plan that flattens or compensates "
+        "(default: what the plan records)",
+    )
+    p.add_argument("--samples", type=_positive_int, default=None, help="calibration samples")
+    p.add_argument("--tokens", type=_positive_int, default=None, help="tokens per sample")
     p.add_argument("--out", required=True, help="output model folder")
     _add_out_dtype(p)
     p.add_argument("--overwrite", action="store_true")

@@ -15,6 +15,8 @@ import logging
 from torch import nn
 
 from mka_core.compression.plan import Plan, check_fingerprint
+from mka_core.compression.rebuild import check_refinement, refine
+from mka_core.data.corpus import CalibrationBatch
 from mka_core.engine.layerpass import Stack, as_stack
 from mka_core.engine.materialize import materialize
 from mka_core.engine.recipe import update_layer_config
@@ -28,6 +30,8 @@ def apply_plan(
     plan: Plan,
     inplace: bool = False,
     progress: ProgressFn | None = None,
+    batch: CalibrationBatch | None = None,
+    batch_size: int = 16,
 ):
     """A new model whose decoder blocks follow `plan`'s composition (the given model itself,
     changed, when `inplace`).
@@ -37,6 +41,9 @@ def apply_plan(
 
     A streamed model (`engine.Stack`) gives a streamed result: the composition, computed block by
     block when it is evaluated or tensor by tensor when it is exported (`export.save_model`).
+
+    A plan that flattens its merges or compensates its cuts (`plan.refine`) is built on `batch`,
+    its calibration data, in one sequential pass (`rebuild.refine`).
     """
     model = getattr(model, "model", model) if not isinstance(model, nn.Module | Stack) else model
     if not isinstance(model, nn.Module | Stack):
@@ -53,6 +60,25 @@ def apply_plan(
     if warning:
         log.warning(warning)
     composed = stack.compose(plan.layers)
+    if plan.needs_data:
+        if batch is None:
+            raise MkaInputError(
+                f"this plan builds its layers with {plan.refine.label.lstrip(':+')} and needs "
+                f"calibration data"
+            )
+        composed, rep = refine(
+            stack,
+            composed,
+            plan.layers,
+            batch,
+            plan.refine.merge,
+            plan.refine.compensation,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        log.info("refined in %.1f s: %s", rep.seconds, rep)
+    else:
+        check_refinement(stack, plan.layers, plan.refine.merge, plan.refine.compensation)
     if stack.streamed:
         return composed
     report(progress, 0.0, f"applying plan: {stack.n_layers} → {composed.n_layers} layers")

@@ -19,6 +19,7 @@ every index names the *current output layer* that holds that original layer:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mka_core import __version__
+from mka_core.compression.refinement import Refine
 from mka_core.compression.steps import (
     WEIGHT_TOL,
     Composition,
@@ -53,10 +55,12 @@ from mka_core.models.loading import model_fingerprint, n_layers_of
 log = logging.getLogger(__name__)
 
 FORMAT = "mka-plan"
-VERSION = 1
+VERSION = 2  # 2 adds "refine" (merge mode, compensation); a plan without one is written as 1
+VERSIONS = (1, 2)
 
 
 _PLAN_KEYS = ("format", "version", "model", "method", "steps", "layers", "created_by", "created_at")
+_PLAN_KEYS_2 = (*_PLAN_KEYS, "refine")
 _MODEL_KEYS = ("source", "architecture", "num_layers", "fingerprint")
 
 
@@ -140,6 +144,7 @@ class Plan:
     steps: tuple[Step, ...]
     created_by: str
     created_at: str
+    refine: Refine = field(default_factory=Refine)  # merge mode and compensation
     _layers: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -157,6 +162,8 @@ class Plan:
             raise MkaInputError(f"method: must be plain JSON data ({e})") from None
         want_str(self.created_by, "created_by")
         want_str(self.created_at, "created_at")
+        if not isinstance(self.refine, Refine):
+            raise MkaInputError(f"refine: expected a Refine, got {type(self.refine).__name__}")
         steps = tuple(self.steps)
         object.__setattr__(self, "steps", steps)
         layers = compose(self.model.num_layers, steps)
@@ -188,9 +195,9 @@ class Plan:
 
     # -- JSON
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": 1 if self.refine.is_default else VERSION,
             "model": self.model.to_dict(),
             "method": json.loads(json.dumps(self.method)),  # a deep, plain copy
             "steps": [s.to_dict() for s in self.steps],
@@ -198,6 +205,18 @@ class Plan:
             "created_by": self.created_by,
             "created_at": self.created_at,
         }
+        if not self.refine.is_default:
+            d["refine"] = self.refine.to_dict()
+        return d
+
+    def with_refine(self, refine: Refine) -> Plan:
+        """The same plan, built with another merge mode or compensation."""
+        return dataclasses.replace(self, refine=refine)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether applying it needs calibration data (flattening or compensation)."""
+        return self.refine.needs_data(self.layers)
 
     def to_json(self) -> str:
         return dumps_compact(self.to_dict()) + "\n"
@@ -217,12 +236,16 @@ class Plan:
             )
         if "version" not in d:
             raise MkaInputError(f"version: missing; expected {VERSION}")
-        if not is_int(d["version"]) or d["version"] != VERSION:
+        if not is_int(d["version"]) or d["version"] not in VERSIONS:
             raise MkaInputError(
                 f"version: unsupported version {kind(d['version'])}; this mka-studio reads "
-                f"version {VERSION}"
+                f"versions {' and '.join(map(str, VERSIONS))}"
             )
-        want_object(d, "plan", _PLAN_KEYS, _PLAN_KEYS)
+        v2 = d["version"] == 2
+        want_object(
+            d, "plan", _PLAN_KEYS_2 if v2 else _PLAN_KEYS, _PLAN_KEYS_2 if v2 else _PLAN_KEYS
+        )
+        refine = Refine.from_dict(d["refine"]) if v2 else Refine()
         model = ModelRef.from_dict(d["model"])
         method = d["method"]
         if not isinstance(method, dict):
@@ -239,7 +262,7 @@ class Plan:
             raise MkaInputError(
                 f"created_at: {created_at!r} is not an ISO 8601 time (e.g. 2024-06-01T12:00:00Z)"
             ) from None
-        return cls(model, method, steps, created_by, created_at)
+        return cls(model, method, steps, created_by, created_at, refine)
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write the plan JSON atomically (temporary file in the same folder, then rename)."""
@@ -334,13 +357,15 @@ def _check_layers(raw: Any, derived: Composition, num_layers: int) -> None:
 # building plans, checking models, budgets
 
 
-def make_plan(source, steps: Iterable[Step | dict], method: dict) -> Plan:
+def make_plan(
+    source, steps: Iterable[Step | dict], method: dict, refine: Refine | None = None
+) -> Plan:
     """A Plan for a LoadedModel (or ModelRef) from steps (Step objects or step dicts)."""
     ref = source if isinstance(source, ModelRef) else ModelRef.from_loaded(source)
     parsed = tuple(
         s if isinstance(s, Step) else Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(steps)
     )
-    return Plan(ref, dict(method), parsed, _created_by(), _now_iso())
+    return Plan(ref, dict(method), parsed, _created_by(), _now_iso(), refine or Refine())
 
 
 def check_fingerprint(plan: Plan, loaded) -> str | None:

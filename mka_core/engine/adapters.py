@@ -299,6 +299,48 @@ def block_adapter(shapes: dict[str, tuple[int, ...]]) -> BlockAdapter:
     return BlockAdapter(attn[0], mlp[0], rules, n_exp)
 
 
+# ---------------------------------------------------------------------------------------------
+# what a block writes to the residual stream
+
+# the tensors whose output is added to the residual stream: (attention or MLP, the dimension of
+# d_model); a compensation scales them, or maps the MLP's rows (`recipe.Term`)
+RESIDUAL_WRITERS = {
+    "self_attn.o_proj.weight": ("attn", 0),
+    "self_attn.o_proj.bias": ("attn", 0),
+    "mlp.down_proj.weight": ("mlp", 0),
+    "mlp.down_proj.bias": ("mlp", 0),
+    "mlp.experts.down_proj": ("mlp", 1),
+}
+_OUTPUT_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+
+
+def map_rows(t: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` whose outputs along `dim` (size d) are mapped by the (d, d) matrix `m`: a weight
+    ``W`` (output = x·Wᵀ) becomes ``mᵀW``, so its output becomes output·m."""
+    moved = t.movedim(dim, 0)
+    out = (m.T @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+    return out.movedim(0, dim)
+
+
+def residual_writers_problem(names: list[str]) -> str | None:
+    """Why a block (tensor names relative to it) cannot take a compensation fused into what it
+    writes to the residual stream, or None when it can."""
+    norms = [n.split(".")[0] for n in names if n.split(".")[0] in _OUTPUT_NORMS]
+    if norms:
+        return (
+            f"its outputs pass through {norms[0]} before they join the residual stream (as in "
+            f"OLMo-2 and Gemma-2/3), which would undo a correction fused into the projections"
+        )
+    kinds = {RESIDUAL_WRITERS[n][0] for n in names if n in RESIDUAL_WRITERS}
+    mlp = {n for n in names if n.startswith("mlp.")}
+    known = {n for n in RESIDUAL_WRITERS} | {
+        n for n in mlp if not any(w in n for w in ("down_proj", "shared_expert"))
+    }
+    if kinds != {"attn", "mlp"} or mlp - known:
+        return "its attention and MLP outputs are not self_attn.o_proj and mlp.down_proj"
+    return None
+
+
 def module_shapes(block: nn.Module) -> dict[str, tuple[int, ...]]:
     """Names (relative to the block) and shapes of a block module's parameters."""
     return {name: tuple(p.shape) for name, p in block.named_parameters()}

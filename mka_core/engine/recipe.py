@@ -17,12 +17,20 @@ evaluated in memory and the folder exported from disk are the same numbers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 import torch
 
-from mka_core.engine.adapters import Narrow, is_mixture_of_experts, narrow, narrowed_shape
+from mka_core.engine.adapters import (
+    RESIDUAL_WRITERS,
+    Narrow,
+    is_mixture_of_experts,
+    map_rows,
+    narrow,
+    narrowed_shape,
+)
 from mka_core.engine.weights import TensorInfo, TensorStore
 from mka_core.errors import MkaInputError
 
@@ -89,7 +97,8 @@ def weighted_sum(parts: list[torch.Tensor], weights: list[float]) -> torch.Tenso
 
 @dataclass(frozen=True, eq=False)
 class Term:
-    """One base block in an output block: its weight and its TransAct selections (None: all)."""
+    """One base block in an output block: its weight, its TransAct selections (None: all), and
+    the corrections a compensation fused into what it writes to the residual stream."""
 
     layer: int
     weight: float
@@ -97,10 +106,34 @@ class Term:
     mlp: torch.Tensor | None = None
     heads: torch.Tensor | None = None  # kept query heads, base indices
     kv: torch.Tensor | None = None  # kept KV groups, base indices
+    scale: float = 1.0  # factor on the attention and MLP outputs (`compensate`, scale)
+    mlp_map: torch.Tensor | None = None  # (d, d) T: the MLP output x becomes x·T (linear)
+    # the block's tensors held in memory instead of read from the base layer (a flattened merge)
+    given: dict[str, torch.Tensor] | None = None
 
     @property
     def plain(self) -> bool:
-        return self.mlp is None and self.heads is None and self.kv is None
+        return (
+            self.mlp is None
+            and self.heads is None
+            and self.kv is None
+            and self.scale == 1.0
+            and self.mlp_map is None
+            and self.given is None
+        )
+
+    @property
+    def selected(self) -> bool:
+        return self.mlp is not None or self.heads is not None or self.kv is not None
+
+    def corrected(self, scale: float = 1.0, mlp_map: torch.Tensor | None = None) -> Term:
+        """This term with its outputs scaled by `scale` and its MLP output mapped by `mlp_map`
+        after whatever it had (maps compose: x·T₁ then ·T₂ is x·(T₁T₂))."""
+        new_map = self.mlp_map
+        if mlp_map is not None:
+            mlp_map = mlp_map.to(torch.float32)
+            new_map = mlp_map if new_map is None else new_map @ mlp_map
+        return dataclasses.replace(self, scale=self.scale * scale, mlp_map=new_map)
 
     @property
     def selection(self) -> dict:
@@ -117,8 +150,8 @@ class Term:
                 return new
             return old.gather(-1, new) if new.dim() == 2 else old[..., new]
 
-        return Term(
-            self.layer, self.weight, on(self.mlp, mlp), on(self.heads, heads), on(self.kv, kv)
+        return dataclasses.replace(
+            self, mlp=on(self.mlp, mlp), heads=on(self.heads, heads), kv=on(self.kv, kv)
         )
 
 
@@ -188,7 +221,7 @@ class ModelRecipe:
             terms = []
             for pos, w in group:
                 terms += [
-                    Term(t.layer, t.weight * w, t.mlp, t.heads, t.kv) if w != 1.0 else t
+                    dataclasses.replace(t, weight=t.weight * w) if w != 1.0 else t
                     for t in self.blocks[pos]
                 ]
             blocks.append(tuple(terms))
@@ -237,21 +270,40 @@ class ModelRecipe:
 
     def _select(self, term: Term, rel: str, t: torch.Tensor) -> torch.Tensor:
         rule = self.rules.get(rel)
-        if rule is None or term.plain:
+        if rule is None or not term.selected:
             return t
         return narrow(t, rule, term.selection, self._base_counts(), self.head_dim)
 
     def _shape(self, term: Term, rel: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         rule = self.rules.get(rel)
-        if rule is None or term.plain:
+        if rule is None or not term.selected:
             return shape
         return narrowed_shape(shape, rule, term.selection, self._base_counts(), self.head_dim)
+
+    def _term_tensor(self, term: Term, rel: str, fetch) -> torch.Tensor:
+        """Tensor `rel` of one term: read (or given), selected, then corrected (in float32 when
+        a correction applies)."""
+        raw = (
+            term.given[rel]
+            if term.given is not None
+            else fetch(f"{LAYER_PREFIX}{term.layer}.{rel}")
+        )
+        t = self._select(term, rel, raw)
+        writer = RESIDUAL_WRITERS.get(rel)
+        if writer is None or (term.scale == 1.0 and term.mlp_map is None):
+            return t
+        kind, dim = writer
+        t = t.float()
+        if kind == "mlp" and term.mlp_map is not None:
+            t = map_rows(t, term.mlp_map.to(t.device), dim)
+        return t * term.scale if term.scale != 1.0 else t
 
     def source_names(self, j: int) -> list[str]:
         """The stored tensors output block `j` is computed from."""
         return [
             f"{LAYER_PREFIX}{t.layer}.{rel}"
             for t in self.blocks[j]
+            if t.given is None
             for rel in self.block_names(t.layer)
         ]
 
@@ -262,7 +314,8 @@ class ModelRecipe:
         reads a stored tensor by name (default: the store; the engine passes prefetched ones)."""
         fetch = fetch or self.store.get
         terms = self.blocks[j]
-        parts = [self._select(t, rel, fetch(f"{LAYER_PREFIX}{t.layer}.{rel}")) for t in terms]
+        stored = self._stored_dtype(terms[0], rel)
+        parts = [self._term_tensor(t, rel, fetch) for t in terms]
         for t, p in zip(terms[1:], parts[1:]):
             if p.shape != parts[0].shape:
                 raise MkaInputError(
@@ -274,10 +327,15 @@ class ModelRecipe:
             out = parts[0]
         else:
             out = weighted_sum(parts, [t.weight for t in terms])
-        target = dtype or parts[0].dtype  # merged sums go back to the sources' dtype by default
+        target = dtype or stored  # merged or corrected sums go back to the sources' dtype
         if out.is_floating_point() and out.dtype != target:
             out = out.to(target)
         return out
+
+    def _stored_dtype(self, term: Term, rel: str) -> torch.dtype:
+        if term.given is not None:
+            return term.given[rel].dtype
+        return self.store.info(f"{LAYER_PREFIX}{term.layer}.{rel}").dtype
 
     def block_state(
         self, j: int, dtype: torch.dtype | None = None, fetch=None
@@ -319,7 +377,11 @@ class ModelRecipe:
         for j, terms in enumerate(self.blocks):
             t0 = terms[0]
             for rel in self.block_names(t0.layer):
-                i = self.store.info(f"{LAYER_PREFIX}{t0.layer}.{rel}")
+                if t0.given is not None:
+                    g = t0.given[rel]
+                    i = TensorInfo(rel, tuple(g.shape), g.dtype)
+                else:
+                    i = self.store.info(f"{LAYER_PREFIX}{t0.layer}.{rel}")
                 out.append(
                     TensorInfo(
                         f"{LAYER_PREFIX}{j}.{rel}", self._shape(t0, rel, i.shape), cast(i.dtype)

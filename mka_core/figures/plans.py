@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from mka_core.compression.compensate import is_cut
+
 
 def plan_figure(plan) -> go.Figure:
     """Which original layers flow into which output layer, line width ∝ weight."""
@@ -52,6 +54,8 @@ def plan_figure(plan) -> go.Figure:
             )
         )
     merged_out = [g for g, group in enumerate(plan.layers) if len(group) > 1]
+    flat = plan.refine.merge == "flatten"
+    comp = plan.refine.compensation
     fig.add_trace(
         go.Scatter(
             x=[1] * n_out,
@@ -63,8 +67,11 @@ def plan_figure(plan) -> go.Figure:
                 "size": 11,
                 "color": ["#e8590c" if g in merged_out else "#37b24d" for g in range(n_out)],
             },
-            name="output layer (orange: merged)",
-            customdata=[" + ".join(f"{w:.2f}·L{i}" for i, w in group) for group in plan.layers],
+            name=f"output layer (orange: merged{', flattened' if flat else ''})",
+            customdata=[
+                _made_of(group, flat, comp if cut else "none")
+                for group, cut in zip(plan.layers, _cuts(plan), strict=True)
+            ],
             hovertemplate="output layer %{text} = %{customdata}<extra></extra>",
         )
     )
@@ -84,3 +91,19 @@ def plan_figure(plan) -> go.Figure:
         plot_bgcolor="white",
     )
     return fig
+
+
+def _made_of(group, flat: bool, comp: str) -> str:
+    """What an output layer is made of, for its hover text."""
+    if flat and len(group) > 1:
+        text = "L" + " ∥ L".join(str(i) for i, _ in group) + " flattened, pruned back"
+    else:
+        text = " + ".join(f"{w:.2f}·L{i}" for i, w in group)
+    return text + (f"; {comp} compensation of the cut" if comp != "none" else "")
+
+
+def _cuts(plan) -> list[bool]:
+    """Whether each output layer stands for more than its one source (a compensated cut)."""
+    firsts = [min(i for i, _ in g) for g in plan.layers]
+    ends = [f - 1 for f in firsts[1:]] + [plan.model.num_layers - 1]
+    return [is_cut(g, e) for g, e in zip(plan.layers, ends, strict=True)]

@@ -48,6 +48,8 @@ from mka_core.ui.guards import (
 )
 from mka_core.ui.plans import (
     ALPHA_HELP,
+    COMPENSATIONS,
+    MERGE_MODES,
     PlanSettings,
     import_plan,
     make_budget_plan,
@@ -137,6 +139,8 @@ __all__ = [
     "align_signs",
     "all_projections",
     "ALPHA_HELP",
+    "COMPENSATIONS",
+    "MERGE_MODES",
     "ANALYSIS",
     "analysis_defaults",
     "ANALYSIS_INFO",

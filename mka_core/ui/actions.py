@@ -80,8 +80,16 @@ def run_plan(plan, settings, progress: ProgressFn | None = None):
 
     loaded = current_model()
     key, (original, cache) = _original_reuse(loaded, settings)
+    analysis = st.session_state.get(S.ANALYSIS)
+    batch = analysis.batch if analysis is not None and plan.needs_data else None
     run = pipeline.run_plan(
-        loaded, plan, settings, original=original, reference_cache=cache, progress=progress
+        loaded,
+        plan,
+        settings,
+        original=original,
+        reference_cache=cache,
+        progress=progress,
+        batch=batch,
     )
     _remember_original(key, run)
     record_run(run, {"eval_tokens": settings.budget_tokens, "window": settings.window})

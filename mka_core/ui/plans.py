@@ -16,6 +16,7 @@ from mka_core.compression.planners import (
     PlanSettings,
     budget_names,
 )
+from mka_core.compression.refinement import COMPENSATION_HELP, MERGE_HELP
 from mka_core.errors import MkaInputError, ProgressFn
 from mka_core.ui import guards, session
 from mka_core.ui import state as S
@@ -51,6 +52,11 @@ ALPHA_HELP = {
 }
 
 
+# how merged layers are built and what corrects each cut, with the paper each comes from
+MERGE_MODES = {k: v for k, v in MERGE_HELP.items()}
+COMPENSATIONS = {k: v for k, v in COMPENSATION_HELP.items()}
+
+
 def make_budget_plan(settings: PlanSettings, progress: ProgressFn | None = None):
     """The plan `settings` asks for, on the current model and the session's analysis."""
 
@@ -61,7 +67,13 @@ def make_budget_plan(settings: PlanSettings, progress: ProgressFn | None = None)
     return plan
 
 
-def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: float = 0.5):
+def make_manual_plan(
+    picks: list[dict],
+    alpha_rule: str = "similarity",
+    alpha: float = 0.5,
+    merge_mode: str = "average",
+    compensation: str = "none",
+):
 
     plan = pipeline.make_manual_plan(
         current_model(),
@@ -69,6 +81,8 @@ def make_manual_plan(picks: list[dict], alpha_rule: str = "similarity", alpha: f
         list(picks),
         alpha_rule=alpha_rule,
         alpha=alpha,
+        merge_mode=merge_mode,
+        compensation=compensation,
     )
     set_plan(plan, "manual")
     return plan

@@ -2,7 +2,9 @@
 evaluation of the original, in one table.
 
 A *config* is one planner spec at one budget: a registered planner's name, or ``name:option``
-with one of the options it registers (``mka:search``, ``mka:drop``: the same pairs with the second
+with one of the options it registers, optionally built another way: ``:flatten`` (merges flattened,
+for planners that merge) and ``+linear`` or ``+scale`` (each cut compensated), e.g. ``sleb+linear``,
+``mka-loss:flatten+linear`` (``mka:search``, ``mka:drop``: the same pairs with the second
 layer dropped, ``mka:bootstrap``; `sweep.planner_specs` lists them all); and ``transact``, which
 prunes MLP neurons until the model has the parameters of the layer-removed ones at that budget. Every row is
 evaluated against the original's final hidden states, computed once; its perplexity is also given
@@ -50,6 +52,8 @@ COLUMNS = [
     "config",
     "planner",
     "option",
+    "merge_mode",
+    "compensation",
     "layers_removed",
     "healed",
     "n_layers",

@@ -280,11 +280,34 @@ def make_manual_plan(
     picks: list[dict],
     alpha_rule: str = "similarity",
     alpha: float = 0.5,
+    merge_mode: str = "average",
+    compensation: str = "none",
 ) -> Plan:
     """A plan from the user's picks ({"op": "merge"|"drop", "layers": [...]}), in order."""
 
-    settings = PlanSettings(planner=MANUAL, picks=picks, alpha_rule=alpha_rule, alpha=alpha)
+    settings = PlanSettings(
+        planner=MANUAL,
+        picks=picks,
+        alpha_rule=alpha_rule,
+        alpha=alpha,
+        merge_mode=merge_mode,
+        compensation=compensation,
+    )
     return make_budget_plan(loaded, analysis, settings)
+
+
+def plan_batch(loaded: LoadedModel, plan, data=None, samples=None, tokens=None):
+    """The calibration batch a plan that flattens or compensates is built on: `data`, `samples`
+    and `tokens` where given, else what the plan records, else the defaults (built-in text, 128
+    samples of 128 tokens)."""
+    rec = plan.refine.calibration or {}
+    docs = load_documents(data or rec.get("data", BUILTIN), "calibration")
+    return make_calibration(
+        loaded.tokenizer,
+        docs,
+        n_samples=samples or rec.get("samples", 128),
+        max_tokens=tokens or rec.get("tokens", 128),
+    )
 
 
 def eval_windows(
@@ -356,19 +379,25 @@ def run_plan(
     original=None,
     reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
+    batch: CalibrationBatch | None = None,
 ) -> Run:
     """Apply a plan to a copy of the model (streamed when the model is) and evaluate it against
-    the original."""
+    the original. A plan that flattens or compensates is built on `batch` (default: the
+    calibration the plan records, see `plan_batch`)."""
 
     settings = settings or EvalSettings()
     t0 = time.perf_counter()
     warning = check_fingerprint(plan, loaded)
     if warning:
         log.warning(warning)
-    model = apply_plan(loaded.model, plan, progress=_scaled(progress, 0.0, 0.1))
-    label = label or f"{plan.method.get('planner', 'plan')} -{plan.n_removed} layers"
+    if plan.needs_data and batch is None:
+        batch = plan_batch(loaded, plan)
+    model = apply_plan(loaded.model, plan, progress=_scaled(progress, 0.0, 0.3), batch=batch)
+    label = label or (
+        f"{plan.method.get('planner', 'plan')}{plan.refine.label} -{plan.n_removed} layers"
+    )
     orig, comp = _evaluate_pair(
-        loaded, model, label, settings, _scaled(progress, 0.1, 1.0), original, reference_cache
+        loaded, model, label, settings, _scaled(progress, 0.3, 1.0), original, reference_cache
     )
     return Run(
         kind="merge",

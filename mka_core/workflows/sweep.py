@@ -9,10 +9,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mka_core.compression.merge import apply_plan
 from mka_core.compression.plan import layers_to_remove, make_plan
 from mka_core.compression.planners import PLANNERS, PlanSettings, budget_names
+from mka_core.compression.refinement import COMPENSATIONS, Refine
 from mka_core.compression.transact import prune
 from mka_core.engine.layerpass import as_stack
 from mka_core.errors import MkaInputError
@@ -39,17 +41,35 @@ class Config:
     planner: str  # a registered planner's name, or TRANSACT
     option: str | None  # one of the planner's spec_options (an α rule, an NPIB kind, ...)
     budget: int  # layers removed (TransAct: the same number of layers' parameters)
+    refine: Refine = Refine()  # merge mode and compensation (spec ":flatten", "+linear")
 
     @property
     def label(self) -> str:
-        return f"{self.planner}{':' + self.option if self.option else ''} -{self.budget}"
+        return f"{self.spec} -{self.budget}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.planner}{':' + self.option if self.option else ''}{self.refine.label}"
+
+
+class Spec(NamedTuple):
+    """One parsed planner spec: ``planner[:option][:flatten][+linear|+scale]``."""
+
+    planner: str
+    option: str | None
+    refine: Refine = Refine()
 
 
 def planner_specs() -> tuple[str, ...]:
-    """Every spec `parse_planners` accepts: each budget planner, with each of its options."""
+    """Every spec `parse_planners` accepts: each budget planner, with each of its options, and
+    with each merge mode (planners that merge) and compensation."""
     out = []
     for name in budget_names():
-        out += [name, *(f"{name}:{o}" for o in PLANNERS.get(name).spec_options)]
+        planner = PLANNERS.get(name)
+        heads = [name, *(f"{name}:{o}" for o in planner.spec_options)]
+        if "merge" in planner.does:
+            heads += [f"{h}:flatten" for h in heads]
+        out += [f"{h}{'+' + c if c != 'none' else ''}" for h in heads for c in COMPENSATIONS]
     return (*out, TRANSACT)
 
 
@@ -65,8 +85,16 @@ def parse_planners(specs) -> list[tuple[str, str | None]]:
         specs = [p for p in specs.split(",") if p.strip()]
     out = []
     for spec in specs:
-        name, _, option = spec.strip().partition(":")
-        option = option or None
+        head, *comps = spec.strip().split("+")
+        name, *options = head.split(":")
+        merge = "flatten" if "flatten" in options else "average"
+        options = [o for o in options if o != "flatten"]
+        if len(options) > 1 or len(comps) > 1 or any(c not in COMPENSATIONS[1:] for c in comps):
+            raise MkaInputError(
+                f"{spec!r}: expected planner[:option][:flatten][+{'|+'.join(COMPENSATIONS[1:])}]"
+            )
+        option = options[0] if options else None
+        refine = Refine(merge, comps[0] if comps else "none")
         planners = budget_names()
         if name != TRANSACT and name not in planners:
             raise MkaInputError(
@@ -79,7 +107,11 @@ def parse_planners(specs) -> list[tuple[str, str | None]]:
                 f"{spec!r}: {name} takes "
                 + (f"one of {', '.join(allowed)} after ':'" if allowed else "no option")
             )
-        out.append((name, option))
+        if name == TRANSACT and not refine.is_default:
+            raise MkaInputError(f"{spec!r}: transact takes no merge mode or compensation")
+        if merge == "flatten" and "merge" not in PLANNERS.get(name).does:
+            raise MkaInputError(f"{spec!r}: {name} does not merge layers; flatten is for merges")
+        out.append(Spec(name, option, refine))
     if not out:
         raise MkaInputError(f"no planners given; e.g. --planners {default_specs()}")
     return out
@@ -102,8 +134,9 @@ def parse_budgets(text, n_layers: int, protect_first=True, protect_last=True) ->
 
 
 def make_configs(planners, budgets, transact: bool = False) -> list[Config]:
-    configs = [Config(p, o, b) for b in budgets for p, o in planners if p != TRANSACT]
-    if transact or any(p == TRANSACT for p, _ in planners):
+    planners = [Spec(*p) for p in planners]
+    configs = [Config(p, o, b, r) for b in budgets for p, o, r in planners if p != TRANSACT]
+    if transact or any(p.planner == TRANSACT for p in planners):
         configs += [Config(TRANSACT, None, b) for b in budgets]
     return configs
 
@@ -147,7 +180,14 @@ def config_settings(base: PlanSettings, cfg: Config) -> PlanSettings:
     """The PlanSettings of a config: the sweep's `base`, its planner and budget, and what its
     spec option sets (registry `spec_options`, e.g. mka:drop = fixed α 1)."""
     changes = dict(PLANNERS.get(cfg.planner).spec_options[cfg.option]) if cfg.option else {}
-    return base.replace(planner=cfg.planner, n_remove=cfg.budget, ratio=None, **changes)
+    return base.replace(
+        planner=cfg.planner,
+        n_remove=cfg.budget,
+        ratio=None,
+        merge_mode=cfg.refine.merge,
+        compensation=cfg.refine.compensation,
+        **changes,
+    )
 
 
 def _plan(loaded, analysis, settings: PlanSettings, limit_s):
@@ -190,6 +230,8 @@ class _Planned:
         if not PLANNERS.get(cfg.planner).greedy_prefix:
             plan, seconds, _ = self._plan(cfg)
             return plan, seconds
+        # the steps do not depend on how they are built: one run serves every merge mode and
+        # compensation of a spec
         key = (cfg.planner, cfg.option)
         if key not in self.runs:
             error = None
@@ -208,14 +250,14 @@ class _Planned:
         if cfg.budget > plan.n_removed:
             raise PlanningTooLong(f"a {plan.n_removed}-layer plan was the most within the limit")
         if cfg.budget == plan.n_removed:
-            return plan, seconds
+            return plan.with_refine(cfg.refine), seconds
         method = json.loads(json.dumps(plan.method))
         method["params"]["n_remove"] = cfg.budget
         method["params"]["note"] = (
             f"the first {cfg.budget} steps of the {plan.n_removed}-layer plan"
         )
         t = done[cfg.budget - 1] if len(done) >= cfg.budget else None
-        return make_plan(self.loaded, plan.steps[: cfg.budget], method), t
+        return make_plan(self.loaded, plan.steps[: cfg.budget], method, cfg.refine), t
 
 
 def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
@@ -274,6 +316,8 @@ def run_config(
         "config": cfg.label,
         "planner": cfg.planner,
         "option": cfg.option,
+        "merge_mode": cfg.refine.merge,
+        "compensation": cfg.refine.compensation,
         "layers_removed": cfg.budget,
         "healed": False,
     }
@@ -299,7 +343,8 @@ def run_config(
             planned = planned or _Planned(loaded, analysis, fixed_alpha, plan_limit_s, loss_samples)
             plan, row["plan_s"] = planned.get(cfg, budgets or [cfg.budget])
             t0 = time.perf_counter()
-            model = apply_plan(loaded.model, plan)
+            batch = analysis.batch if plan.needs_data else None
+            model = apply_plan(loaded.model, plan, batch=batch)
             row["build_s"] = time.perf_counter() - t0
             row["steps"] = _steps_text(plan)
             alphas = [s.weights[0] for s in plan.steps if s.op == "merge" and s.weights]

@@ -396,7 +396,10 @@ def test_compare_command_writes_the_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "shortgpt -1" in text and "transact -2" in text
     rows = (out / "compare.csv").read_text().splitlines()
-    assert rows[0].startswith("config,planner,option,layers_removed") and len(rows) == 1 + 7
+    assert (
+        rows[0].startswith("config,planner,option,merge_mode,compensation,layers_removed")
+        and len(rows) == 1 + 7
+    )
 
 
 def test_compare_bad_planner_and_dead_ray_address_are_one_line(tmp_path):

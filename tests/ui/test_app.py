@@ -311,6 +311,25 @@ def test_plan_budget_makes_a_plan_that_the_cli_applies(tmp_path):
     assert config["num_hidden_layers"] == 5
 
 
+def test_plan_page_builds_flattened_and_compensated_plans_that_run():
+    at = _with_analysis("plan")
+    at.slider(key="plan_n_remove").set_value(1)
+    at.radio(key="plan_merge_mode").set_value("flatten")
+    at.radio(key="plan_compensation").set_value("linear")
+    at.button(key="plan_make").click().run()
+    _ok(at)
+    plan = at.session_state[ui.PLAN]
+    assert (plan.refine.merge, plan.refine.compensation) == ("flatten", "linear")
+    assert any("flatten" in c.value and "linear" in c.value for c in at.caption)
+    at = _run_plan(_go(at, "results"))
+    history = at.session_state[ui.HISTORY]
+    assert history[-1]["layers"] == 5 and ":flatten+linear" in history[-1]["label"]
+    # a planner that only drops cannot flatten: the choice is there but off
+    _go(at, "plan")
+    at.selectbox(key="plan_planner").set_value("shortgpt").run()
+    assert at.radio(key="plan_merge_mode").disabled
+
+
 def test_plan_too_large_budget_shows_error():
     at = _with_analysis("plan")
     at.radio(key="plan_budget_kind").set_value("compression ratio").run()

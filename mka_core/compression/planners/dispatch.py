@@ -10,6 +10,8 @@ from mka_core.compression.plan import Plan, layers_to_remove, make_plan, protect
 from mka_core.compression.planners.registry import Planner, get
 from mka_core.compression.planners.search import SEARCH_SAMPLES
 from mka_core.compression.planners.settings import ALPHA_NEEDS, PlanJob, PlanSettings
+from mka_core.compression.rebuild import check_refinement
+from mka_core.compression.refinement import Refine
 from mka_core.data.corpus import CalibrationBatch
 from mka_core.engine.layerpass import as_stack
 from mka_core.errors import MkaInputError, ProgressFn, report
@@ -73,7 +75,9 @@ def plan_layers(
         "alpha": planned.alpha,
         "params": params,
     }
-    plan = make_plan(loaded, planned.steps, method)
+    refine = Refine(settings.merge_mode, settings.compensation)
+    plan = make_plan(loaded, planned.steps, method, refine)
+    check_refinement(stack, plan.layers, refine.merge, refine.compensation)  # layout refusals
     stack.recipe.check_composition(plan.layers)  # a manual merge of MoE layers, refused now
     return plan
 

@@ -11,6 +11,7 @@ from typing import Any
 from mka_core.analysis.similarity import SimilarityResult
 from mka_core.compression.plan import Step
 from mka_core.compression.planners.registry import get, names
+from mka_core.compression.refinement import Refine
 from mka_core.data.corpus import CalibrationBatch
 from mka_core.errors import MkaInputError, ProgressFn
 from mka_core.jsonfields import is_number, kind, want_int, want_number, want_object
@@ -43,9 +44,17 @@ class PlanSettings:
     laco_threshold: float = 0.65  # laco: least cosine of the final hidden states to accept
     loss_samples: int | None = None  # calibration samples loss-guided planners score with
     picks: tuple[dict, ...] | None = None  # manual: {"op": "merge"|"drop", "layers": [...]}
+    merge_mode: str = "average"  # of refinement.MERGE_MODES: how merged layers are built
+    compensation: str = "none"  # of refinement.COMPENSATIONS: what corrects each cut
 
     def __post_init__(self):
         planner = get(self.planner)
+        Refine(self.merge_mode, self.compensation)  # checks both
+        if self.merge_mode != "average" and "merge" not in planner.does:
+            raise MkaInputError(
+                f"planner {planner.name} does not merge layers ({', '.join(planner.does)}); merge "
+                f"mode {self.merge_mode} is for {', '.join(names(lambda p: 'merge' in p.does))}"
+            )
         if self.n_remove is not None:
             want_int(self.n_remove, "n_remove", "a number of layers")
         if self.ratio is not None:
