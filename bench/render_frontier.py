@@ -89,6 +89,15 @@ def frontier_section(
                 f"{100 * float(r.get('top1') or 0):.1f} % | {_num(r.get('plan_s'), 1)} | "
                 f"{_num(r.get('build_s'), 1)} |"
             )
+        failed = [
+            r for r in frontier if r.get("layers_removed") == b and r.get("perplexity") is None
+        ]
+        if failed:
+            L.append(
+                "Not in this table: "
+                + "; ".join(f"{_name(r)} ({r.get('steps') or 'no result'})" for r in failed)
+                + " (the planner's time limit, on a machine shared with the test suite)."
+            )
         L.append("")
         best_merge = min((r for r in (merge, best_new_merge) if r), key=lambda r: r["perplexity"])
         best_drop = min((r for r in (drop, best_new_drop) if r), key=lambda r: r["perplexity"])
