@@ -62,36 +62,21 @@ def is_cut(group, end: int) -> bool:
 
 
 class CutStats:
-    """float64 statistics of one cut over the calibration tokens (padding masked out)."""
+    """float64 statistics of one cut over the calibration tokens that count."""
 
     def __init__(self, d: int, device):
         self.mm = torch.zeros(d, d, dtype=torch.float64, device=device)  # MᵀM
         self.mt = torch.zeros(d, d, dtype=torch.float64, device=device)  # Mᵀ(L − Y)
-        self.norm_teacher = 0.0  # Σ ‖L‖ over the tokens
-        self.norm_student = 0.0  # Σ ‖Y + M‖
-        self.n = 0
 
     @torch.no_grad()
-    def add(self, m, y, target, mask) -> None:
+    def add(self, m, y, target, real) -> None:
         """m: MLP output, y: block output without it, target: the teacher's hidden state; all
-        (B, T, d); mask (B, T) or None. Padding and the first position are left out."""
+        (B, T, d); real (B, T): 1 on the tokens that count (no padding, no first position)."""
         d = m.shape[-1]
-        real = torch.ones(m.shape[:2], dtype=torch.bool, device=m.device)
-        if mask is not None:
-            real &= mask.bool()
-        real[:, 0] = False  # the first position's massive activations would outweigh the rest
-        keep = real.reshape(-1)
-
-        def flat(x):
-            x = x.reshape(-1, d)
-            return x[keep]
-
-        m, y, target = flat(m).double(), flat(y).double(), flat(target).double()
+        keep = real.reshape(-1).bool()
+        m, y, target = (x.reshape(-1, d)[keep].double() for x in (m, y, target))
         self.mm += m.T @ m
         self.mt += m.T @ (target - y)
-        self.norm_teacher += float(target.norm(dim=-1).sum())
-        self.norm_student += float((y + m).norm(dim=-1).sum())
-        self.n += m.shape[0]
 
     def linear_map(self) -> torch.Tensor:
         """T = (MᵀM + λI)⁻¹ (Mᵀ(L − Y) + λI), float32."""
@@ -100,9 +85,3 @@ class CutStats:
         lam = RIDGE * float(self.mm.diagonal().mean()) + 1e-12
         t = torch.linalg.solve(self.mm + lam * eye, self.mt + lam * eye)
         return t.float()
-
-    def scale(self) -> float:
-        """s: the teacher's mean hidden-state norm over the student's, at the cut."""
-        if self.norm_student <= 0:
-            return 1.0
-        return self.norm_teacher / self.norm_student

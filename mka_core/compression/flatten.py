@@ -89,17 +89,11 @@ def wide_state(states: list[dict[str, torch.Tensor]], offset: float) -> dict[str
     out = {}
     g1 = [s["input_layernorm.weight"].float() + offset for s in states]
     g2 = [s["post_attention_layernorm.weight"].float() + offset for s in states]
-    for proj, gains in (("q_proj", g1), ("k_proj", g1), ("v_proj", g1)):
-        key = f"self_attn.{proj}"
+    readers = [(f"self_attn.{p}", g1) for p in ("q_proj", "k_proj", "v_proj")]
+    readers += [(f"mlp.{p}", g2) for p in ("gate_proj", "up_proj")]
+    for key, gains in readers:  # each reads its layer's norm: the norm's weight folded in
         out[f"{key}.weight"] = torch.cat(
             [s[f"{key}.weight"].float() * g[None, :] for s, g in zip(states, gains)]
-        )
-        if f"{key}.bias" in states[0]:
-            out[f"{key}.bias"] = torch.cat([s[f"{key}.bias"].float() for s in states])
-    for proj in ("gate_proj", "up_proj"):
-        key = f"mlp.{proj}"
-        out[f"{key}.weight"] = torch.cat(
-            [s[f"{key}.weight"].float() * g[None, :] for s, g in zip(states, g2)]
         )
         if f"{key}.bias" in states[0]:
             out[f"{key}.bias"] = torch.cat([s[f"{key}.bias"].float() for s in states])
@@ -133,9 +127,7 @@ class WideStats:
         def add(gram):
             def hook(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                keep = mask_fn()
-                if keep is not None:
-                    x = x[keep.reshape(-1).bool()]
+                x = x[mask_fn().reshape(-1).bool()]  # the tokens that count, (B, T) → (B·T,)
                 x = x.double()
                 gram.add_(x.T @ x)
 

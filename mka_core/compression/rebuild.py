@@ -26,7 +26,7 @@ import torch
 
 from mka_core.compression import flatten as fl
 from mka_core.compression.compensate import CutStats, is_cut, spans
-from mka_core.compression.refinement import COMPENSATIONS, MERGE_MODES
+from mka_core.compression.refinement import Refine
 from mka_core.data.corpus import CalibrationBatch
 from mka_core.engine.adapters import residual_writers_problem
 from mka_core.engine.layerpass import LayerPass, Stack
@@ -38,12 +38,7 @@ log = logging.getLogger(__name__)
 
 def check_refinement(stack: Stack, composition, merge: str, compensation: str) -> None:
     """Refuse, in one line and before any work, what this model's layout cannot take."""
-    if merge not in MERGE_MODES:
-        raise MkaInputError(f"merge mode {merge!r}: expected one of {', '.join(MERGE_MODES)}")
-    if compensation not in COMPENSATIONS:
-        raise MkaInputError(
-            f"compensation {compensation!r}: expected one of {', '.join(COMPENSATIONS)}"
-        )
+    Refine(merge, compensation)  # both known
     recipe = stack.recipe
     n_base = int(recipe.base_config.num_hidden_layers)
     first, ends = spans(composition, n_base) if compensation != "none" else (0, [])
@@ -143,15 +138,13 @@ def _with_blocks(stack: Stack, blocks) -> Stack:
     return stack._derived(dataclasses.replace(stack.recipe, blocks=list(blocks)))
 
 
-def _masks(lp: LayerPass, b: int) -> torch.Tensor | None:
-    return lp.batches[b].mask
-
-
-def _real(lp: LayerPass, b: int, h: torch.Tensor) -> torch.Tensor:
-    """(B, T) 1 on the tokens statistics count: real ones, past the first position (whose
-    massive activations would outweigh every other token, see `compensate.CutStats`)."""
-    mask = lp.batches[b].mask
-    m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.float().clone()
+def _real(lp: LayerPass, b: int) -> torch.Tensor:
+    """(B, T) 1 on the tokens every statistic here counts: real ones, past the first position
+    (LMs put massive activations there, which would outweigh every other token)."""
+    batch = lp.batches[b]
+    mask = batch.mask
+    m = torch.ones(batch.ids.shape, device=batch.ids.device) if mask is None else mask.float()
+    m = m.clone()
     m[:, 0] = 0
     return m
 
@@ -162,7 +155,7 @@ def _scale_at(teacher: LayerPass, lp: LayerPass) -> float:
     its own (real tokens only), and return that ratio."""
     num = den = 0.0
     for b, (ht, hs) in enumerate(zip(teacher.hidden, lp.hidden, strict=True)):
-        m = _real(lp, b, ht)
+        m = _real(lp, b)
         nt, ns = ht.float().norm(dim=-1) * m, hs.float().norm(dim=-1) * m
         num += float(nt.sum())
         den += float(ns.sum())
@@ -187,7 +180,7 @@ def _linear_at(teacher: LayerPass, lp: LayerPass, p: int) -> torch.Tensor:
     d = lp.hidden[0].shape[-1]
     stats = CutStats(d, lp.stack.device)
     for b, (m, out, target) in enumerate(zip(captured, lp.hidden, teacher.hidden, strict=True)):
-        stats.add(m, out - m, target, _masks(lp, b))
+        stats.add(m, out - m, target, _real(lp, b))
     with torch.inference_mode(False):
         t = stats.linear_map().clone()
     lp.hidden = [
@@ -225,11 +218,10 @@ def _flatten(lp: LayerPass, p: int, group, rep: RefineReport) -> Term:
     width = int(cfg.intermediate_size)
     blk = fl.build_block(type(layer), fl.wide_config(cfg, k), kw, wide, stack.device, stack.dtype)
     stats = fl.WideStats(k * n_heads * head_dim, k * width, stack.device)
-    current = [0]
-    handles = stats.hooks(blk, lambda: _real(lp, current[0], lp.hidden[current[0]]))
+    handles = stats.hooks(blk, lambda: _real(lp, lp.current))
     try:
         for b, h in enumerate(lp.hidden):
-            current[0] = b
+            lp.current = b
             args, kwargs = lp.calls[b][kw]
             blk(h, *args, **kwargs)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from mka_core.compression.compensate import is_cut
+from mka_core.compression.compensate import is_cut, spans
 
 
 def plan_figure(plan) -> go.Figure:
@@ -104,6 +104,5 @@ def _made_of(group, flat: bool, comp: str) -> str:
 
 def _cuts(plan) -> list[bool]:
     """Whether each output layer stands for more than its one source (a compensated cut)."""
-    firsts = [min(i for i, _ in g) for g in plan.layers]
-    ends = [f - 1 for f in firsts[1:]] + [plan.model.num_layers - 1]
+    _, ends = spans(plan.layers, plan.model.num_layers)
     return [is_cut(g, e) for g, e in zip(plan.layers, ends, strict=True)]

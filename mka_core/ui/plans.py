@@ -53,8 +53,8 @@ ALPHA_HELP = {
 
 
 # how merged layers are built and what corrects each cut, with the paper each comes from
-MERGE_MODES = {k: v for k, v in MERGE_HELP.items()}
-COMPENSATIONS = {k: v for k, v in COMPENSATION_HELP.items()}
+MERGE_MODES = MERGE_HELP
+COMPENSATIONS = COMPENSATION_HELP
 
 
 def make_budget_plan(settings: PlanSettings, progress: ProgressFn | None = None):
