@@ -22,7 +22,7 @@ from mka_core.evaluation.evaluate import compare, evaluate_model, perplexity
 from mka_core.evaluation.results import save_results
 from mka_core.files import atomic_dir, check_out_dir, write_text_atomic
 from mka_core.models.loading import load_model
-from mka_core.workflows.compare import compare_sweep
+from mka_core.workflows.compare import compare_sweep, parse_quants
 from mka_core.workflows.export import mergekit_yaml
 from mka_core.workflows.pipeline import (
     Run,
@@ -497,6 +497,7 @@ def cmd_compare(args) -> int:
 
     progress = Progress(args.quiet)
     parse_planners(args.planners)  # bad specs fail before anything is loaded
+    parse_quants(args.quant)
     check_out_dir(args.out, args.overwrite, protect=[args.model])
     loaded = _load(args, progress)
     parse_budgets(args.budgets, loaded.n_layers)
@@ -512,6 +513,7 @@ def cmd_compare(args) -> int:
         eval_data=args.eval_data,
         with_speed=args.speed,
         loss_samples=args.loss_samples,
+        quants=args.quant,
         executor=args.executor,
         address=args.address,
         progress=progress,
@@ -536,11 +538,18 @@ def _print_compare(rows: list[dict]) -> None:
         "top1",
     ]
     heads = ["config", "params -%", "perplexity", "half a", "half b", "KL", "top-1"]
+    if any(r.get("quant") for r in rows):
+        cols.insert(1, "quant")
+        cols.append("gguf_bytes")
+        heads.insert(1, "quant")
+        heads.append("GGUF MB")
     print("  ".join(f"{h:>14}" for h in heads))
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c) if not r.get("error") or c == "config" else None
+            v = v / 1e6 if c == "gguf_bytes" and v else v
+            v = (v or "-") if c == "quant" else v
             cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v or '')[:14]:>14}")
         print("  ".join(cells) + (f"  ({r['error']})" if r.get("error") else ""))
 

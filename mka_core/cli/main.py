@@ -36,6 +36,7 @@ from mka_core.compression.refinement import (
     MERGE_HELP,
     MERGE_MODES,
 )
+from mka_core.engine.quant import QUANT_HELP
 from mka_core.errors import MkaInputError
 from mka_core.workflows.sweep import TRANSACT, default_specs
 
@@ -321,6 +322,17 @@ def _add_heal(sub) -> None:
     p.set_defaults(func=cmd_heal)
 
 
+def _add_quant(p: argparse.ArgumentParser, what: str) -> None:
+    types = ", ".join(f"{q} ({h})" for q, h in QUANT_HELP.items())
+    p.add_argument(
+        "--quant",
+        default="",
+        metavar="Q[,Q...]",
+        help=f"{what} after a quantize -> dequantize round trip of its weights with the GGUF "
+        f"export's quantizers, and its GGUF size given; types: {types}",
+    )
+
+
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="planners x budgets (+ TransAct) in one table, locally or on Ray"
@@ -343,6 +355,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--analysis", default=None, help="a folder written by analyze --out")
     p.add_argument("--loss-samples", type=_positive_int, default=None, help="see plan --help")
     p.add_argument("--speed", action="store_true", help="also time decoding (in memory only)")
+    _add_quant(p, "every row (the original's too: quantization alone) is also measured")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", default=None, help="a Ray cluster's address (default: local Ray)")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")

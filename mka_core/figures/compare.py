@@ -27,7 +27,8 @@ def _color(planner: str) -> str:
 
 def compare_figure(rows: list[dict]) -> go.Figure:
     """Perplexity (log scale), KL and top-1 agreement against the share of parameters removed,
-    one line per config series (planner and option), healed rows dashed; TransAct sits at the
+    one line per config series (planner and option), healed rows dashed, quantized ones dotted
+    (the original quantized alone is a point at 0 %); TransAct sits at the
     parameters of the layer-removed rows of its budget."""
     fig = make_subplots(
         rows=1,
@@ -39,15 +40,17 @@ def compare_figure(rows: list[dict]) -> go.Figure:
     for r in rows:
         if r.get("error") or r.get("perplexity") is None:
             continue
-        key = (r.get("planner"), r.get("option"), bool(r.get("healed")))
+        key = (r.get("planner"), r.get("option"), bool(r.get("healed")), r.get("quant"))
         series.setdefault(key, []).append(r)
-    orig = next((r for r in rows if r.get("planner") == "original"), None)
-    for (planner, option, healed), rs in series.items():
-        if planner == "original":
+    orig = next((r for r in rows if r.get("planner") == "original" and not r.get("quant")), None)
+    for (planner, option, healed, quant), rs in series.items():
+        if planner == "original" and not quant:
             continue
         rs = sorted(rs, key=lambda r: r.get("params_removed_pct") or 0)
         x = [r.get("params_removed_pct") for r in rs]
         name = f"{planner}{':' + option if option else ''}{' + heal' if healed else ''}"
+        name += f" @{quant}" if quant else ""
+        dash = "dash" if healed else "dot" if quant else "solid"
         for col, key in ((1, "perplexity"), (2, "kl"), (3, "top1")):
             y = [r.get(key) for r in rs]
             fig.add_trace(
@@ -58,7 +61,7 @@ def compare_figure(rows: list[dict]) -> go.Figure:
                     name=name,
                     legendgroup=name,
                     showlegend=col == 1,
-                    line={"color": _color(planner), "dash": "dash" if healed else "solid"},
+                    line={"color": _color(planner), "dash": dash},
                     hovertemplate=f"{name}<br>%{{x:.1f}} % of parameters removed<br>"
                     f"{key} %{{y:.4g}}<extra></extra>",
                 ),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mka_core.compression.heal import heal
 from mka_core.compression.planners import PLANNERS
+from mka_core.engine.quant import check_quant
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.evaluation.results import size
 from mka_core.figures.compare import compare_figure
@@ -40,6 +41,7 @@ from mka_core.workflows.sweep import (
     make_configs,
     parse_budgets,
     parse_planners,
+    quant_results,
     row_brief,
     run_config,
 )
@@ -56,6 +58,7 @@ COLUMNS = [
     "compensation",
     "layers_removed",
     "healed",
+    "quant",
     "n_layers",
     "params",
     "params_removed_pct",
@@ -65,6 +68,7 @@ COLUMNS = [
     "kl",
     "top1",
     "decode_tps",
+    "gguf_bytes",
     "intermediate_size",
     "plan_s",
     "build_s",
@@ -148,16 +152,22 @@ def compare_sweep(
     heal_budgets=(),
     heal_batch: int = 4,
     heal_lr: float = 1e-4,
+    quants=(),
     executor: str = "local",
     address: str | None = None,
     progress: ProgressFn | None = None,
 ) -> CompareResult:
     """Run every config (see the module docstring) and return the table.
 
+    quants: GGUF quantization types (e.g. "Q8_0,Q4_0"); every unhealed row, the original's
+    included (quantization alone), gains a row per type measured after a quantize → dequantize
+    round trip of its weights (see `engine.quant`), with its GGUF size in `gguf_bytes`.
+
     Bad input — an unknown planner, a budget beyond the model, a Ray address that does not
-    answer — is refused before anything runs."""
+    answer, an unknown quantization type — is refused before anything runs."""
 
     specs = parse_planners(planners)
+    quants = parse_quants(quants)
     budgets = parse_budgets(budgets, loaded.n_layers)
     if executor not in ("local", "ray"):
         raise MkaInputError(f"unknown executor {executor!r}; expected local or ray")
@@ -177,9 +187,10 @@ def compare_sweep(
         loss_samples=loss_samples,
         transact_samples=transact_samples,
         transact_shots=transact_shots,
+        quants=quants,
     )
     report(progress, 0.0, f"compare: the original on {windows.numel()} tokens")
-    rows = [_original_row(loaded, analysis, windows, cache, with_speed)]
+    rows = [_original_row(loaded, analysis, windows, cache, with_speed, quants)]
     models = {}  # config -> compressed model, kept for healing
     if executor == "ray":
         rows += run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)
@@ -191,6 +202,7 @@ def compare_sweep(
     if heal_steps > 0:
         heal_args = (heal_steps, heal_batch, heal_lr, heal_budgets)
         rows += _heal_rows(loaded, analysis, rows, models, windows, cache, kw, *heal_args)
+    rows = quant_rows(rows)
     plans = [dict(config=r["config"], **r.pop("plan")) for r in rows if "plan" in r]
     meta = {
         "model": loaded.source,
@@ -201,6 +213,7 @@ def compare_sweep(
         "executor": executor,
         "seconds": round(time.perf_counter() - t_start, 1),
         "configs": [c.label for c in configs],
+        "quants": list(quants),
     }
     return CompareResult(rows, plans, meta)
 
@@ -228,9 +241,11 @@ def _run_local(loaded, analysis, configs, budgets, windows, cache, kw, keep, mod
     return rows
 
 
-def _original_row(loaded, analysis, windows, cache, with_speed) -> dict:
+def _original_row(loaded, analysis, windows, cache, with_speed, quants=()) -> dict:
     """The original's row; its fidelity against itself fills the reference cache."""
     row = _evaluate(loaded, loaded.model, windows, cache, with_speed)
+    if quants:
+        row["quantized"] = quant_results(loaded, loaded.model, windows, cache, quants)
     row.update(config="original", planner="original", layers_removed=0, healed=False)
     row.update(kl=0.0, top1=1.0, params_removed_pct=0.0)
     halves = row.pop("original_halves")
@@ -282,6 +297,39 @@ def _heal_rows(loaded, analysis, rows, models, windows, cache, kw, steps, batch,
     return out
 
 
+def parse_quants(quants) -> tuple[str, ...]:
+    """ "Q8_0,Q4_0" (or a list) → canonical quantization types, each checked."""
+    if isinstance(quants, str):
+        quants = [q for q in quants.split(",") if q.strip()]
+    return tuple(dict.fromkeys(check_quant(q) for q in quants or ()))
+
+
+def quant_rows(rows: list[dict]) -> list[dict]:
+    """Each row followed by one row per quantization type it was measured at (same config,
+    `quant` set; sizes and fidelity of the quantized model)."""
+    out = []
+    for r in rows:
+        measured = r.pop("quantized", None) or {}
+        out.append(r)
+        for q, m in measured.items():
+            row = {k: r.get(k) for k in COLUMNS if k not in QUANT_FIELDS}
+            row.pop("plan", None)
+            row.update(m, quant=q)
+            out.append(row)
+    return out
+
+
+QUANT_FIELDS = (
+    "perplexity",
+    "perplexity_half_a",
+    "perplexity_half_b",
+    "kl",
+    "top1",
+    "eval_s",
+    "decode_tps",
+)
+
+
 def _merges(row: dict) -> bool:
     """A row of a planner that merges layers (registry `does`)."""
     return "merge" in PLANNERS.get(row["planner"]).does
@@ -291,7 +339,7 @@ def best_rows(rows: list[dict]) -> dict[int, dict]:
     """The lowest-perplexity unhealed row at each budget."""
     out: dict[int, dict] = {}
     for r in rows:
-        if r.get("healed") or r.get("error") or not r.get("layers_removed"):
+        if r.get("healed") or r.get("quant") or r.get("error") or not r.get("layers_removed"):
             continue
         b = r["layers_removed"]
         if b not in out or r["perplexity"] < out[b]["perplexity"]:

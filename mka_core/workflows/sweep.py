@@ -17,6 +17,7 @@ from mka_core.compression.planners import PLANNERS, PlanSettings, budget_names
 from mka_core.compression.refinement import COMPENSATIONS, Refine
 from mka_core.compression.transact import prune
 from mka_core.engine.layerpass import as_stack
+from mka_core.engine.quant import gguf_bytes, quantized
 from mka_core.errors import MkaInputError
 from mka_core.evaluation.evaluate import _exp, fidelity
 from mka_core.evaluation.generation import speed
@@ -288,7 +289,29 @@ def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
     )
     if with_speed and not loaded.streamed:
         out["decode_tps"] = speed(model, loaded.tokenizer)["decode_tps"]
+    out["gguf_bytes"] = gguf_bytes(model, "BF16")
     out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def quant_results(loaded, model, windows, cache, quants) -> dict:
+    """`model` after a quantize → dequantize round trip of its weights, per type in `quants`
+    (`engine.quant`, the GGUF export's own rule): perplexity, KL and top-1 against the unquantized
+    original, and the size of its GGUF tensors. The quantized copy is dropped after each type."""
+    out = {}
+    for q in quants:
+        t0 = time.perf_counter()
+        qmodel = quantized(model, q)
+        fid = fidelity(loaded.model, qmodel, windows, reference_cache=cache)
+        del qmodel
+        gc.collect()
+        out[q] = {
+            "perplexity": fid["perplexity_compressed"],
+            "kl": fid["kl"],
+            "top1": fid["top1"],
+            "gguf_bytes": gguf_bytes(model, q),
+            "eval_s": time.perf_counter() - t0,
+        }
     return out
 
 
@@ -309,8 +332,10 @@ def run_config(
     transact_samples: int = 32,
     transact_shots: int = 4,
     keep_model: bool = False,
+    quants: tuple[str, ...] = (),
 ) -> tuple[dict, object]:
-    """One row (and, with keep_model, the compressed model, e.g. for healing)."""
+    """One row (and, with keep_model, the compressed model, e.g. for healing); with `quants`,
+    the row's "quantized" holds `quant_results` for each type."""
 
     row = {
         "config": cfg.label,
@@ -353,6 +378,8 @@ def run_config(
         row["error"] = f"planning {e}"
         return row, None
     row.update(_evaluate(loaded, model, windows, cache, with_speed))
+    if quants:
+        row["quantized"] = quant_results(loaded, model, windows, cache, quants)
     row["params_removed_pct"] = 100.0 * (1 - row["params"] / params_original)
     if plan is not None:
         row["plan"] = plan.to_dict()
