@@ -203,6 +203,40 @@ def _slices(plan: Plan) -> list[list[tuple[int, int, float]]]:
     return slices
 
 
+def _layer_comments(plan: Plan) -> list[str]:
+    """Which original layers the plan keeps, merges and drops (0-based), and what mergekit cannot
+    express of it, as YAML comments."""
+    used = {i for group in plan.layers for i, _ in group}
+    kept = [g[0][0] for g in plan.layers if len(g) == 1]
+    merged = ["+".join(f"{i}x{w:.3g}" for i, w in g) for g in plan.layers if len(g) > 1]
+    dropped = [i for i in range(plan.model.num_layers) if i not in used]
+    out = [
+        f"# original layers kept: {_ranges(kept) or 'none'}",
+        f"# original layers dropped: {_ranges(dropped) or 'none'}",
+    ]
+    if merged:
+        out.append(f"# merged (layer x weight): {', '.join(merged)}")
+    if not plan.refine.is_default:
+        out.append(
+            f"# this plan is built with merge mode {plan.refine.merge} and compensation "
+            f"{plan.refine.compensation}, which mergekit cannot express: this config builds the "
+            f"plain plan; apply the plan JSON for the model itself"
+        )
+    return out
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0-2, 5, 7-8"."""
+    parts, start = [], None
+    for k, i in enumerate(layers):
+        if start is None:
+            start = i
+        if k + 1 == len(layers) or layers[k + 1] != i + 1:
+            parts.append(f"{start}-{i}" if i != start else f"{i}")
+            start = None
+    return ", ".join(parts)
+
+
 def _alias(model: str, k: int) -> str:
     """The k-th spelling of one folder (``m``, ``m/.``, ``m/./.``): mergekit 0.1.5 refuses the same
     model twice in one slice ("Duplicate merge inputs") but reads each spelling as its own input,
@@ -264,6 +298,7 @@ def mergekit_yaml(plan: Plan, model_path: str | None = None, out_dtype: str | No
     header = [
         " ".join(f"# mergekit config written by {plan.created_by} ({plan.created_at})".split()),
         f"# {plan.model.num_layers} -> {plan.n_layers_out} layers; layer_range is [start, end)",
+        *_layer_comments(plan),
     ]
     if placeholder:
         header.append(

@@ -146,6 +146,11 @@ def test_mergekit_yaml_for_a_drop_plan(tiny):
     assert all(len(s["sources"]) == 1 for s in cfg["slices"])
     assert {s["sources"][0]["model"] for s in cfg["slices"]} == {"path/to/model"}
     assert "tiny:llama is not a path mergekit reads" in text  # a comment says what to replace
+    assert "# original layers kept: 0, 2, 5\n" in text
+    assert "# original layers dropped: 1, 3-4\n" in text
+    merged = mergekit_yaml(plan_for(tiny, Step.merge((1, 2), (0.25, 0.75))))
+    assert "# merged (layer x weight): 1x0.25+2x0.75" in merged
+    assert "# original layers kept: 0, 3-5" in merged
 
     named = yaml.safe_load(mergekit_yaml(plan, model_path="/models/smol"))
     assert named["slices"][0]["sources"][0]["model"] == "/models/smol"
