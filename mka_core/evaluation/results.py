@@ -73,6 +73,7 @@ class EvalResult:
     decode_tps: float | None = None
     generations: tuple[str, ...] = ()
     mmlu: dict | None = None  # mmlu_accuracy's dict
+    tasks: dict | None = None  # lm-eval scores: harness.run_tasks' dict
     meta: dict = field(default_factory=dict)  # data source, budget, window, device, ...
 
     def to_dict(self) -> dict:
@@ -112,7 +113,7 @@ class EvalResult:
         if not isinstance(gens, list | tuple) or not all(isinstance(g, str) for g in gens):
             raise MkaInputError("evaluation result field 'generations' must be a list of strings")
         kw["generations"] = tuple(gens)
-        for key in ("mmlu", "meta"):
+        for key in ("mmlu", "tasks", "meta"):
             value = kw.get(key)
             if value is not None and not isinstance(value, dict):
                 raise MkaInputError(f"evaluation result field {key!r} must be an object")
