@@ -9,13 +9,16 @@ from pathlib import Path
 
 import streamlit as st
 
+from mka_core.engine.quant import QUANT_HELP
 from mka_core.errors import MkaInputError, ProgressFn
 from mka_core.ui import session
 from mka_core.ui import state as S
 from mka_core.ui.resources import current_model
+from mka_core.workflows.gguf_export import write_gguf_beside
 from mka_core.workflows.pipeline import export_run as _export
 
 OUT_DTYPES = {"the source's": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+GGUF_CHOICES = {"no GGUF": None, **{f"GGUF {q}: {h}": q for q, h in QUANT_HELP.items()}}
 
 
 def default_export_folder(run_index: int) -> str:
@@ -38,7 +41,10 @@ def export_run(
     overwrite: bool = False,
     out_dtype: str | None = None,
     progress: ProgressFn | None = None,
-) -> Path:
+    gguf: str | None = None,
+) -> tuple[Path, Path | None]:
+    """Write run `run_index`'s model as a folder and, with `gguf` (a quantization type), also as
+    a GGUF file in it; returns (folder, GGUF file or None)."""
 
     out = resolve_folder(out_dir)
     runs = st.session_state.get(S.RUNS) or []
@@ -70,7 +76,8 @@ def export_run(
     )
     st.session_state.setdefault(S.EXPORTS, {})[run_index] = str(path)
     session.save_state()
-    return path
+    gguf_path = write_gguf_beside(path, gguf, progress=progress) if gguf else None
+    return path, gguf_path
 
 
 def folder_zip(folder: str | Path) -> bytes | None:
