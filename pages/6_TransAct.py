@@ -158,11 +158,28 @@ with st.form("heal_form"):
         format_func=lambda x: f"{x:.0e}",
         key="heal_lr",
     )
+    heal_loss = st.radio(
+        "Loss",
+        ["ce", "kd"],
+        index=["ce", "kd"].index(heal_defaults["loss"]),
+        format_func={
+            "ce": "next-token (plain)",
+            "kd": "distillation from the original (KD)",
+        }.get,
+        horizontal=True,
+        key="heal_loss_kind",
+    )
+    st.caption(
+        "Next-token trains on the calibration text's own tokens; distillation trains the "
+        "compressed model to match the original's whole next-token distribution (its top 64 "
+        "tokens per position, computed once), which usually recovers more (Hinton et al. 2015; "
+        "Minitron, arXiv 2407.14679)."
+    )
     do_heal = st.form_submit_button("Heal and evaluate", type="primary", key="heal_submit")
 if do_heal:
     try:
         with ui.progress_status("Healing and evaluating") as progress:
-            ui.run_heal(heal_index, steps, lr, progress=progress)
+            ui.run_heal(heal_index, steps, lr, progress=progress, loss=heal_loss)
     except MkaInputError as e:
         st.error(str(e))
 
@@ -185,9 +202,12 @@ if healed is not None:
         f"{rep.first_loss:.3f} → {rep.last_loss:.3f}"
         if many
         else f"{rep.losses[0]:.3f} → {rep.losses[-1]:.3f}",
-        help="mean of the first five steps → mean of the last five"
-        if many
-        else "first step → last step",
+        help=(
+            "mean of the first five steps → mean of the last five"
+            if many
+            else "first step → last step"
+        )
+        + ("; KL from the original (nats)" if rep.loss == "kd" else "; next-token loss (nats)"),
     )
     m[3].metric("Healing time", f"{rep.seconds:.1f} s", help=f"{rep.steps} steps at lr {rep.lr:g}")
     st.caption(

@@ -280,16 +280,24 @@ def run_transact(
 
 def heal_defaults(loaded) -> dict:
     """Heal defaults: 30 steps on a CPU (each AdamW step of a 135M model takes seconds there),
-    100 on a GPU; learning rate 1e-4."""
-    return {"steps": 100 if on_gpu(loaded) else 30, "lr": 1e-4}
+    100 on a GPU; learning rate 1e-4; plain next-token loss ("ce"; "kd" distills from the
+    original)."""
+    return {"steps": 100 if on_gpu(loaded) else 30, "lr": 1e-4, "loss": "ce"}
 
 
 HEAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
 
 
-def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn | None = None):
-    """Fine-tune a run's compressed model on the calibration batch, evaluate it the way its
-    source run was evaluated (so perplexity before → after compares like with like), record it.
+def run_heal(
+    run_index: int | None,
+    steps: int,
+    lr: float,
+    progress: ProgressFn | None = None,
+    loss: str = "ce",
+):
+    """Fine-tune a run's compressed model on the calibration batch, with next-token loss ("ce")
+    or by distillation from the current (original) model ("kd"), evaluate it the way its source
+    run was evaluated (so perplexity before → after compares like with like), record it.
     Returns (healed run, HealReport)."""
 
     batch = _analysis_batch()
@@ -324,10 +332,13 @@ def run_heal(run_index: int | None, steps: int, lr: float, progress: ProgressFn 
         original=original,
         reference_cache=cache,
         progress=progress,
+        loss=loss,
     )
     _remember_original(key, healed)
     extra = {k: row[k] for k in ("eval_tokens", "window") if k in row}
-    extra.update(healed_from=run_index + 1, heal_steps=int(steps), heal_lr=float(lr))
+    extra.update(
+        healed_from=run_index + 1, heal_steps=int(steps), heal_lr=float(lr), heal_loss=rep.loss
+    )
     index = record_run(healed, extra, report=rep, kind="heal")
     st.session_state[S.HEAL] = {"run": index, "from": run_index, "report": rep}
     session.save_state()
@@ -368,9 +379,15 @@ def measure_importance(n_samples: int, alpha_rule: str = "similarity", progress=
 
 
 def run_compare(
-    planners_spec, budgets, transact: bool, settings, progress: ProgressFn | None = None
+    planners_spec,
+    budgets,
+    transact: bool,
+    settings,
+    progress: ProgressFn | None = None,
+    quants=(),
 ):
-    """The compare sweep on the session's analysis and model, kept in the session."""
+    """The compare sweep on the session's analysis and model, kept in the session; with `quants`
+    every row is also measured quantized (GGUF types)."""
 
     analysis = st.session_state.get(S.ANALYSIS)
     if analysis is None:
@@ -383,6 +400,7 @@ def run_compare(
         transact=transact,
         eval_budget=settings.budget_tokens,
         eval_window=settings.window,
+        quants=quants,
         progress=progress,
     )
     st.session_state[S.COMPARE] = result

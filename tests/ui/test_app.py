@@ -635,3 +635,24 @@ def test_compare_page_runs_a_small_sweep():
     at.button(key="cmp_run").click().run()
     _ok(at)
     assert any("budget" in e for e in _errors(at)), _errors(at)
+
+
+def test_heal_by_distillation_from_the_app():
+    at = _run_plan(_with_plan("results"))
+    merge = at.session_state[ui.HISTORY][-1]
+    _go(at, "transact")
+    assert at.selectbox(key="heal_run").value == 0
+    assert at.radio(key="heal_loss_kind").value == "ce"  # the default: plain next-token
+    at.radio(key="heal_loss_kind").set_value("kd")
+    at.slider(key="heal_steps").set_value(2)
+    at.button(key="heal_submit").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    healed = at.session_state[ui.HISTORY][-1]
+    assert healed["kind"] == "merge+heal" and healed["heal_loss"] == "kd"
+    assert healed["label"].endswith("+heal2kd") and healed["healed_from"] == merge["run"]
+    rep = at.session_state[ui.HEAL]["report"]
+    assert rep.loss == "kd" and rep.top_k == 64 and len(rep.losses) == 2
+    assert healed["kl"] is not None and healed["kl"] >= 0
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Perplexity after healing"] == f"{healed['perplexity']:,.2f}"
