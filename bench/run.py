@@ -29,7 +29,18 @@ from .common import (
     write_json,
 )
 
-SECTIONS = ("quality", "frontier", "frontier_cost", "cost", "app", "dtype", "scale")
+SECTIONS = (
+    "quality",
+    "frontier",
+    "frontier_cost",
+    "quant",
+    "gguf",
+    "distill",
+    "cost",
+    "app",
+    "dtype",
+    "scale",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             from .frontier import run
         elif name == "frontier_cost":
             from .frontier import run_cost as run
+        elif name == "quant":
+            from .deploy import run
+        elif name == "gguf":
+            from .deploy import run_gguf as run
+        elif name == "distill":
+            from .distill import run
         elif name == "cost":
             from .cost import run
         elif name == "dtype":

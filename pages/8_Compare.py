@@ -39,6 +39,14 @@ with st.form("compare_form"):
         "+scale: Prune&Comp's rescaling) or its merges flattened (:flatten, FlattenGPT; planners "
         "that merge): see the Plan page.",
     )
+    quants = st.multiselect(
+        "Also measured quantized",
+        ["Q8_0", "Q5_0", "Q4_0"],
+        key="cmp_quants",
+        help="Every row, and the original alone, again after its weights are quantized and read "
+        "back with the GGUF export's quantizers (Q8_0: 8.5 bits per weight, Q4_0: 4.5): layer "
+        "removal and quantization together against quantization alone, with each GGUF's size.",
+    )
     c1, c2, c3, c4 = st.columns(4)
     budgets = c1.text_input(
         "Layers removed", ",".join(str(b) for b in (1, 2) if b < n - 2) or "1", key="cmp_budgets"
@@ -60,7 +68,7 @@ if go:
                 for v in variants
                 if not v.startswith(":flatten") or "merge" in ui.planner_info(p).does
             ]
-            ui.run_compare(specs, budgets, transact, settings, progress=progress)
+            ui.run_compare(specs, budgets, transact, settings, progress=progress, quants=quants)
     except MkaInputError as e:
         st.error(str(e))
 
@@ -71,6 +79,7 @@ if result is None:
 st.plotly_chart(compare_figure(result.rows), key="cmp_chart", config={"displayModeBar": False})
 cols = [
     "config",
+    "quant",
     "layers_removed",
     "params_removed_pct",
     "perplexity",
@@ -78,6 +87,7 @@ cols = [
     "perplexity_half_b",
     "kl",
     "top1",
+    "gguf_bytes",
     "plan_s",
     "steps",
     "error",

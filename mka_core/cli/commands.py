@@ -1,5 +1,6 @@
 """The command line's commands, one function each (`cmd_<name>`): load, call the library, write
-machine-readable output. `cli.py` holds the parser and the error handling around them."""
+machine-readable output. `main.py` holds the parser and the error handling around them; the
+commands after a plan (transact, heal, compare) are in `methods.py`, export-gguf in `deploy.py`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from mka_core.compression.heal import heal
 from mka_core.compression.importance import proxy_vs_truth
 from mka_core.compression.merge import apply_plan
 from mka_core.compression.plan import Plan, check_fingerprint
 from mka_core.compression.planners import ALPHA_NEEDS, MANUAL, PLANNERS, PlanSettings
-from mka_core.compression.transact import prune
-from mka_core.data.corpus import load_documents, make_calibration
+from mka_core.engine.layerpass import as_stack
+from mka_core.engine.quant import gguf_bytes, quantized
 from mka_core.errors import MkaInputError
-from mka_core.evaluation.evaluate import compare, evaluate_model, perplexity
+from mka_core.evaluation.evaluate import compare, evaluate_model
+from mka_core.evaluation.harness import attach_tasks, check_tasks, require_in_memory, tasks_report
 from mka_core.evaluation.results import save_results
 from mka_core.files import atomic_dir, check_out_dir, write_text_atomic
 from mka_core.models.loading import load_model
-from mka_core.workflows.compare import compare_sweep, parse_quants
+from mka_core.workflows.compare import parse_quants
 from mka_core.workflows.export import mergekit_yaml
+from mka_core.workflows.gguf_export import write_gguf_beside
+from mka_core.workflows.gguf_layout import check_config, family_of
 from mka_core.workflows.pipeline import (
     Run,
     analyze,
@@ -34,7 +37,6 @@ from mka_core.workflows.pipeline import (
     plan_batch,
     read_run_record,
 )
-from mka_core.workflows.sweep import parse_budgets, parse_planners
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,8 @@ def cmd_evaluate(args) -> int:
             reference = Plan.load(plan_file).model.source
     if args.plan:
         plan = Plan.load(args.plan)  # fail on a bad plan before loading anything
+    parse_quants(args.quant)
+    tasks = check_tasks(args.tasks, args.tasks_dir, args.limit)  # and on unknown lm-eval tasks
     loaded = _load(args, progress)
     model, label = loaded.model, args.model
     if args.plan:
@@ -177,6 +181,7 @@ def cmd_evaluate(args) -> int:
         model = apply_plan(loaded.model, plan)
         label = f"{args.model} + {args.plan}"
     windows = _windows(args, loaded)
+    ref = None
     common = dict(
         with_speed=not args.no_speed,
         with_generations=not args.no_generations,
@@ -195,6 +200,7 @@ def cmd_evaluate(args) -> int:
                 seed=args.seed,
                 offload=args.offload,
             )
+        scored = require_in_memory(ref.model, model) if tasks else []
         results = list(
             compare(
                 ref,
@@ -207,7 +213,12 @@ def cmd_evaluate(args) -> int:
             )
         )
     else:
+        scored = require_in_memory(model) if tasks else []
         results = [evaluate_model(model, loaded.tokenizer, windows, label=label, **common)]
+    results = attach_tasks(
+        results, scored, loaded.tokenizer, tasks, args.tasks_dir, args.limit, progress
+    )
+    results += _quantized_results(args, loaded, model, ref, label, results, windows, progress)
     if args.out:
         save_results(args.out, results)
     compressed = results[-1].to_dict()
@@ -217,7 +228,35 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(compressed, indent=2))
     else:
         _print_table([r.to_dict() for r in results])
+        if tasks:
+            print(*tasks_report(results), sep="\n")
     return 0
+
+
+def _quantized_results(args, loaded, model, ref, label, results, windows, progress) -> list:
+    """`evaluate --quant`: the model again after a quantize → dequantize round trip per type,
+    against the reference `ref` when there is one (else against the unquantized model itself),
+    with the size of its GGUF tensors as `disk_bytes`."""
+    against = ref if ref is not None else (model, loaded.tokenizer)
+    first = results[0]  # the reference's result, or the unquantized model's
+    out, cache = [], {}
+    for q in parse_quants(args.quant):
+        _, res = compare(
+            against,
+            quantized(model, q),
+            windows,
+            tokenizer=loaded.tokenizer,
+            label=f"{label} @{q}",
+            original_label=first.label,
+            with_speed=False,
+            with_generations=False,
+            meta={"model": args.model, "eval_data": args.eval_data, "quant": q},
+            progress=progress,
+            original_result=first,
+            reference_cache=cache,
+        )
+        out.append(dataclasses.replace(res, disk_bytes=gguf_bytes(model, q)))
+    return out
 
 
 def cmd_plan(args) -> int:
@@ -367,9 +406,12 @@ def cmd_apply(args) -> int:
 
 def _export(run, args, loaded):
     """Write the run's model folder (mka-run.json records the stages, and the evaluations when
-    there are any), in --out-dtype or the source's dtype."""
+    there are any), in --out-dtype or the source's dtype; with --gguf, also a GGUF file in it."""
 
-    return export_run(
+    if getattr(args, "gguf", None):  # a family GGUF cannot hold fails before the folder
+        config = as_stack(run.model).config
+        check_config(config, family_of(config.to_dict()))
+    path = export_run(
         run,
         args.out,
         overwrite=args.overwrite,
@@ -377,6 +419,10 @@ def _export(run, args, loaded):
         out_dtype=args.out_dtype if args.out_dtype != "auto" else loaded.source_dtype,
         progress=Progress(args.quiet),
     )
+    if getattr(args, "gguf", None):  # --gguf Q: the folder again as one GGUF file in it
+        gguf = write_gguf_beside(path, args.gguf, progress=Progress(args.quiet))
+        print(f"wrote {gguf}", file=sys.stderr)
+    return path
 
 
 def _local(source: str):
@@ -392,166 +438,6 @@ def _prior_record(source: str) -> tuple[str, list]:
     if record:
         return record.get("source", source), list(record.get("stages", []))
     return source, []
-
-
-def cmd_transact(args) -> int:
-
-    progress = Progress(args.quiet)
-    check_out_dir(args.out, args.overwrite, protect=[args.model])
-    mlp_keep, heads_keep = (
-        _keep(args.mlp_keep, "--mlp-keep"),
-        _keep(args.heads_keep, "--heads-keep"),
-    )
-    loaded = _load(args, progress)
-    docs = load_documents(args.data, "calibration")
-    batch = make_calibration(loaded.tokenizer, docs, n_samples=args.samples, max_tokens=args.tokens)
-    model, rep = prune(
-        loaded.model,
-        batch,
-        mlp_keep=mlp_keep,
-        heads_keep=heads_keep,
-        shots=args.shots,
-        progress=progress,
-    )
-    source, stages = _prior_record(args.model)
-    stages.append(
-        {
-            "stage": "transact",
-            "mlp_keep": mlp_keep,
-            "heads_keep": heads_keep,
-            "shots": args.shots,
-            "report": {k: v for k, v in rep.to_dict().items() if "score" not in k},
-        }
-    )
-    kind = "+".join([s["stage"] for s in stages])
-    run = Run(
-        kind,
-        f"transact mlp {mlp_keep} heads {heads_keep}",
-        model,
-        loaded.tokenizer,
-        source,
-        stages,
-        None,
-        None,
-    )
-    out = _export(run, args, loaded)
-    print(json.dumps({"out": str(out), **stages[-1]["report"]}, indent=2))
-    return 0
-
-
-def _keep(text: str, flag: str):
-    """A keep amount: a ratio in (0, 1] or a whole count."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise MkaInputError(
-            f"{flag}: expected a ratio like 0.5 or a count like 768, got {text!r}"
-        ) from None
-    if v > 1:
-        if v != int(v):
-            raise MkaInputError(f"{flag}: a count must be a whole number, got {text}")
-        return int(v)
-    return v
-
-
-def cmd_heal(args) -> int:
-
-    progress = Progress(args.quiet)
-    check_out_dir(args.out, args.overwrite, protect=[args.model])
-    loaded = _load(args, progress)
-    if loaded.streamed:
-        raise MkaInputError(
-            "heal trains the whole model in memory (about 16 bytes per parameter for fp32 "
-            "weights, gradients and AdamW state); this model is streamed from disk because it "
-            "does not fit, so it cannot be healed here"
-        )
-    docs = load_documents(args.data, "calibration")
-    batch = make_calibration(loaded.tokenizer, docs, n_samples=args.samples, max_tokens=args.tokens)
-    windows = eval_windows(loaded, args.eval_data, args.budget, args.window)
-    before = perplexity(loaded.model, windows)
-    model, rep = heal(
-        loaded.model,
-        loaded.tokenizer,
-        batch,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        progress=progress,
-        seed=args.seed,
-    )
-    after = perplexity(model, windows)
-    source, stages = _prior_record(args.model)
-    info = {**rep.to_dict(), "perplexity_before": before, "perplexity_after": after}
-    stages.append({"stage": "heal", "report": info})
-    kind = "+".join([s["stage"] for s in stages])
-    plan = None
-    run = Run(kind, f"heal {args.steps}", model, loaded.tokenizer, source, stages, None, None, plan)
-    out = _export(run, args, loaded)
-    summary = {k: v for k, v in info.items() if k not in ("losses", "loss_curve")}
-    print(json.dumps({"out": str(out), **summary}, indent=2, default=str))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    """planners × budgets (+ TransAct) on one analysis and one evaluation of the original."""
-
-    progress = Progress(args.quiet)
-    parse_planners(args.planners)  # bad specs fail before anything is loaded
-    parse_quants(args.quant)
-    check_out_dir(args.out, args.overwrite, protect=[args.model])
-    loaded = _load(args, progress)
-    parse_budgets(args.budgets, loaded.n_layers)
-    analysis = _analysis(args, loaded, progress)
-    result = compare_sweep(
-        loaded,
-        analysis,
-        args.planners,
-        args.budgets,
-        transact=args.transact,
-        eval_budget=args.budget,
-        eval_window=args.window,
-        eval_data=args.eval_data,
-        with_speed=args.speed,
-        loss_samples=args.loss_samples,
-        quants=args.quant,
-        executor=args.executor,
-        address=args.address,
-        progress=progress,
-    )
-    out = result.save(args.out, overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(f"wrote {out}/compare.csv, compare.json, plans.json, compare.html")
-        _print_compare(result.rows)
-    return 0
-
-
-def _print_compare(rows: list[dict]) -> None:
-    cols = [
-        "config",
-        "params_removed_pct",
-        "perplexity",
-        "perplexity_half_a",
-        "perplexity_half_b",
-        "kl",
-        "top1",
-    ]
-    heads = ["config", "params -%", "perplexity", "half a", "half b", "KL", "top-1"]
-    if any(r.get("quant") for r in rows):
-        cols.insert(1, "quant")
-        cols.append("gguf_bytes")
-        heads.insert(1, "quant")
-        heads.append("GGUF MB")
-    print("  ".join(f"{h:>14}" for h in heads))
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c) if not r.get("error") or c == "config" else None
-            v = v / 1e6 if c == "gguf_bytes" and v else v
-            v = (v or "-") if c == "quant" else v
-            cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v or '')[:14]:>14}")
-        print("  ".join(cells) + (f"  ({r['error']})" if r.get("error") else ""))
 
 
 def cmd_export_mergekit(args) -> int:

@@ -14,13 +14,12 @@ import transformers
 from mka_core.cli.commands import (
     cmd_analyze,
     cmd_apply,
-    cmd_compare,
     cmd_evaluate,
     cmd_export_mergekit,
-    cmd_heal,
     cmd_plan,
-    cmd_transact,
 )
+from mka_core.cli.deploy import add_export_gguf
+from mka_core.cli.methods import cmd_compare, cmd_heal, cmd_transact
 from mka_core.compression.planners import (
     ALPHA_RULES,
     NPIB_KINDS,
@@ -36,7 +35,7 @@ from mka_core.compression.refinement import (
     MERGE_HELP,
     MERGE_MODES,
 )
-from mka_core.engine.quant import QUANT_HELP
+from mka_core.engine.quant import QUANT_HELP, check_quant
 from mka_core.errors import MkaInputError
 from mka_core.workflows.sweep import TRANSACT, default_specs
 
@@ -98,6 +97,24 @@ def _add_out_dtype(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gguf(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf",
+        default=None,
+        type=_quant_type,
+        metavar="Q",
+        help=f"also write the model as OUT/model-Q.gguf (llama.cpp), Q one of "
+        f"{', '.join(QUANT_HELP)}; see export-gguf --help",
+    )
+
+
+def _quant_type(text: str) -> str:
+    try:
+        return check_quant(text)
+    except MkaInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default="builtin", help="builtin (default), a .txt/.jsonl file or an MMLU folder"
@@ -134,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_heal,
         _add_compare,
         _add_export_mergekit,
+        add_export_gguf,
     ):
         add(sub)
     return parser
@@ -193,11 +211,26 @@ def _add_evaluate(sub) -> None:
         help="original model to compare with (default: read from the folder's records)",
     )
     p.add_argument("--no-reference", action="store_true", help="evaluate the model alone")
+    _add_quant(p, "the model is also evaluated (against the reference, else against itself)")
     p.add_argument(
         "--mmlu", default=None, help="an MMLU-format folder for multiple-choice accuracy"
     )
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--no-generations", action="store_true", help="skip the sample generations")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag), scored with "
+        "lm-eval on the original and on the compressed model",
+    )
+    p.add_argument(
+        "--tasks-dir",
+        default=None,
+        help="a folder of lm-eval task YAMLs for --tasks (e.g. reading local JSONL files)",
+    )
+    p.add_argument(
+        "--limit", type=_positive_int, default=None, help="--tasks: score only N examples each"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--out", default=None, help="also write the results JSON to this file")
     p.set_defaults(func=cmd_evaluate)
@@ -228,6 +261,7 @@ def _add_plan(sub) -> None:
         help="also apply the plan and write the compressed model folder (one command)",
     )
     _add_out_dtype(p)
+    _add_gguf(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -291,6 +325,7 @@ def _add_apply(sub) -> None:
     p.add_argument("--tokens", type=_positive_int, default=None, help="tokens per sample")
     p.add_argument("--out", required=True, help="output model folder")
     _add_out_dtype(p)
+    _add_gguf(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_apply)
 
@@ -304,6 +339,7 @@ def _add_transact(sub) -> None:
     p.add_argument("--shots", type=_positive_int, default=4, help="iterative pruning shots (4)")
     p.add_argument("--out", required=True, help="output model folder")
     _add_out_dtype(p)
+    _add_gguf(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_transact)
 
@@ -316,8 +352,31 @@ def _add_heal(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=50, help="AdamW steps (50)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="samples per step (4)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4)")
+    p.add_argument(
+        "--loss",
+        choices=["ce", "kd"],
+        default="ce",
+        help="ce: next-token cross-entropy on the calibration text (default); kd: distillation "
+        "from the original model, the KL of the model's next-token distribution from the "
+        "original's (Hinton et al. 2015; used to heal pruned LLMs by Minitron, arXiv 2407.14679, "
+        "and Sheared-LLaMA, arXiv 2310.06694), on the original's top-k logits per position "
+        "(plus one bucket for the other tokens), computed once",
+    )
+    p.add_argument(
+        "--kd-top-k",
+        type=_positive_int,
+        default=64,
+        help="kd: the original's logits kept per position (64); the vocabulary size gives the "
+        "exact KL",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="kd: the original model (default: read from the folder's records)",
+    )
     p.add_argument("--out", required=True, help="output model folder")
     _add_out_dtype(p)
+    _add_gguf(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_heal)
 

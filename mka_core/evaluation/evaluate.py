@@ -39,6 +39,7 @@ from mka_core.evaluation.generation import (
     sub_progress,
 )
 from mka_core.evaluation.mmlu import LETTERS, answer_token_ids, mmlu_accuracy  # noqa: F401
+from mka_core.evaluation.provenance import versions
 from mka_core.evaluation.results import EvalResult, disk_bytes, load_results, save_results, size  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ def _result(
         "device": str(stack.device),
         "dtype": str(stack.dtype).replace("torch.", ""),
         "streamed": stack.streamed,
+        "versions": versions(),
     }
     if skipped:
         info["skipped"] = skipped

@@ -30,7 +30,7 @@ def history_figure(df: pd.DataFrame) -> go.Figure:
                 y=ys,
                 mode="lines+markers",
                 name=name.replace("merge: ", ""),
-                text=["original", *part["label"]],
+                text=["original", *_made(part, part["label"])],
                 hovertemplate="%{text}<br>%{x} removed: perplexity %{y:.2f}<extra></extra>",
             )
         )
@@ -44,6 +44,15 @@ def history_figure(df: pd.DataFrame) -> go.Figure:
         legend={"title": "planner"},
     )
     return fig
+
+
+def _made(part: pd.DataFrame, labels) -> list[str]:
+    """Labels with what produced each result (data, windows, dtype, versions) below."""
+    if "provenance" not in part:
+        return list(labels)
+    return [
+        f"{lab}<br>{p}" if isinstance(p, str) else lab for lab, p in zip(labels, part["provenance"])
+    ]
 
 
 def before_after_figure(run) -> go.Figure:
@@ -136,7 +145,11 @@ _RUN_HOVER = "%{text}<br>%{x:.1f} % of the parameters removed: perplexity %{y:.2
 
 def _run_names(runs: pd.DataFrame) -> list[str]:
     """'run N: label' for each row, the hover text of a point."""
-    return [f"run {r}: {lab}" for r, lab in zip(runs["run"], runs["label"])]
+    names = [f"run {r}: {lab}" for r, lab in zip(runs["run"], runs["label"])]
+    if "provenance" not in runs:
+        return names
+    made = ["<br>" + (p if isinstance(p, str) else "") for p in runs["provenance"]]
+    return [n + m for n, m in zip(names, made)]
 
 
 def _unhealed_series(plain: pd.DataFrame, name: str, color: str) -> go.Scatter:

@@ -30,6 +30,7 @@ from mka_core.data.corpus import (
 )
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.evaluation.evaluate import compare
+from mka_core.evaluation.provenance import describe
 from mka_core.evaluation.results import EvalResult
 from mka_core.models.loading import LoadedModel
 from mka_core.workflows.export import save_model
@@ -219,6 +220,7 @@ class Run:
             "decode_tps": c.decode_tps,
             "healed": any(s["stage"] == "heal" for s in self.stages),
             "seconds": self.seconds,
+            "provenance": describe(c.meta),
         }
 
     def to_dict(self) -> dict:
@@ -364,7 +366,11 @@ def _evaluate_pair(
         with_generations=s.with_generations,
         gen_tokens=s.gen_tokens,
         mmlu_folder=s.mmlu_folder,
-        meta={"eval_data": s.eval_data if isinstance(s.eval_data, str) else "documents"},
+        meta={
+            "eval_data": s.eval_data if isinstance(s.eval_data, str) else "documents",
+            "split": "evaluation",
+            "budget_tokens": s.budget_tokens,
+        },
         progress=progress,
         original_result=original,
         reference_cache=reference_cache,
@@ -488,8 +494,13 @@ def run_heal(
     original=None,
     reference_cache: dict | None = None,
     progress: ProgressFn | None = None,
+    loss: str = "ce",
+    top_k: int = 64,
 ) -> tuple[Run, object]:
-    """A short fine-tune of a compressed model on calibration text, evaluated again."""
+    """A short fine-tune of a compressed model on calibration text, evaluated again.
+
+    loss: "ce" (next-token) or "kd" (distillation from `loaded`, the original, on its `top_k`
+    logits per position; `loaded` may be streamed from disk)."""
 
     if not isinstance(run.model, nn.Module):
         raise MkaInputError(
@@ -507,8 +518,11 @@ def run_heal(
         lr=lr,
         batch_size=batch_size,
         progress=_scaled(progress, 0.0, 0.6),
+        loss=loss,
+        teacher=loaded if loss == "kd" else None,
+        top_k=top_k if loss == "kd" else None,
     )
-    label = f"{run.label} +heal{steps}"
+    label = f"{run.label} +heal{steps}" + ("kd" if loss == "kd" else "")
     orig, comp = _evaluate_pair(
         loaded, model, label, settings, _scaled(progress, 0.6, 1.0), original, reference_cache
     )

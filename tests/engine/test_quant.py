@@ -19,6 +19,7 @@ from mka_core.engine.quant import (
 )
 from mka_core.errors import MkaInputError
 from mka_core.evaluation.evaluate import perplexity
+from mka_core.evaluation.results import load_results
 from mka_core.models.tiny import tiny_folder
 from mka_core.workflows.compare import best_rows, compare_sweep
 from mka_core.workflows.pipeline import analyze
@@ -102,3 +103,15 @@ def test_compare_command_refuses_a_bad_quant_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Q4_K" in err[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_evaluate_quant_rows_against_the_unquantized_model(tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    args = ["evaluate", "--model", "tiny:llama", "--quant", "Q8_0,Q4_0", "--no-speed"]
+    args += ["--no-generations", "--budget", "1024", "--window", "128", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    base, q8, q4 = load_results(out)
+    assert (q8.meta["quant"], q4.meta["quant"]) == ("Q8_0", "Q4_0")
+    assert q8.label == "tiny:llama @Q8_0" and base.kl is None
+    assert 0 < q8.kl < q4.kl and q4.disk_bytes < q8.disk_bytes
+    assert q8.params == base.params and q8.eval_tokens == base.eval_tokens

@@ -40,6 +40,19 @@ def test_runs_reuse_the_original_evaluation(tiny, analysis):
     assert reused.compressed.perplexity == pytest.approx(fresh.compressed.perplexity, rel=1e-9)
     row = reused.to_row()
     assert row["layers_removed"] == 2 and row["kind"] == "merge" and row["planner"] == "mka"
+    # what produced the numbers: data and split, windows, dtype and device, versions
+    meta = reused.compressed.meta
+    assert meta["split"] == "evaluation" and meta["budget_tokens"] == 1024
+    assert {"mka_core", "torch", "transformers"} <= set(meta["versions"])
+    made = row["provenance"]
+    assert "builtin (evaluation split)" in made and "4 windows × 256 tokens" in made
+    assert "float32 on cpu" in made and "torch " in made
+    import pandas as pd
+
+    from mka_core.figures.runs import history_figure
+
+    fig = history_figure(pd.DataFrame([row]))
+    assert "evaluation split" in fig.data[0].text[1]  # the hover says it
 
 
 def test_transact_after_a_merge_records_both_stages(tiny, analysis):

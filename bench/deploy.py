@@ -1,0 +1,136 @@
+"""From plan to deployment: quantization on top of layer removal, and GGUF files.
+
+Section `quant` (bench/results/quant.csv): the frontier's best removal rows and plain ShortGPT at
+the quality budgets, each measured as computed and after a quantize → dequantize round trip of its
+weights at Q8_0 and Q4_0 (the GGUF export's own quantizers), beside the original quantized alone:
+"MKA + quantization against quantization alone". One `compare_sweep` call with ``quants``.
+
+Section `gguf` (bench/results/gguf.json): the acceptance check of the GGUF export. The bundled
+model with 6 layers removed (ShortGPT's cuts, compensated by the linear map) is exported as a
+bf16 folder and as Q8_0 / Q4_0 GGUF files; each file is loaded back (transformers' GGUF reader
+and gguf-py's dequantizers, as `evaluate --model FILE.gguf` does) and evaluated on the same
+windows as the folder. Target: the Q8_0 file within 1 % of the folder's perplexity.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from .common import Settings, say, write_csv, write_json
+
+QUANTS = ("Q8_0", "Q4_0")
+SPECS = ("shortgpt", "shortgpt+linear", "sleb+linear")
+GGUF_BUDGET = 6
+QUANT_COLUMNS = [
+    "config",
+    "quant",
+    "layers_removed",
+    "params_removed_pct",
+    "gguf_bytes",
+    "perplexity",
+    "kl",
+    "top1",
+    "eval_s",
+]
+
+
+def _progress(prefix: str):
+    last = [0.0]
+
+    def progress(fraction: float, msg: str) -> None:
+        if time.perf_counter() - last[0] > 15 or msg.startswith("compare:"):
+            say(f"{prefix}: {msg}")
+            last[0] = time.perf_counter()
+
+    return progress
+
+
+def _analysis(settings: Settings):
+    from mka_core.models.loading import load_model
+    from mka_core.workflows import pipeline
+
+    loaded = load_model(settings.model)
+    analysis = pipeline.analyze(
+        loaded,
+        n_samples=settings.calib_samples,
+        max_tokens=settings.calib_tokens,
+        stability=False,
+        progress=lambda f, msg: None,
+    )
+    return loaded, analysis
+
+
+def run(settings: Settings, out: Path) -> dict:
+    from mka_core.workflows.compare import compare_sweep
+
+    t0 = time.perf_counter()
+    loaded, analysis = _analysis(settings)
+    result = compare_sweep(
+        loaded,
+        analysis,
+        list(SPECS),
+        list(settings.budgets),
+        quants=QUANTS,
+        eval_budget=settings.eval_tokens,
+        eval_window=settings.eval_window,
+        loss_samples=settings.loss_samples,
+        plan_limit_s=settings.plan_limit_s,
+        progress=_progress("quant"),
+    )
+    rows = [{k: r.get(k) for k in QUANT_COLUMNS} for r in result.rows]
+    for r in rows:
+        r["quant"] = r["quant"] or "bf16"
+    write_csv(out / "quant.csv", rows, QUANT_COLUMNS)
+    return {"wall_s": round(time.perf_counter() - t0, 1), "rows": len(rows)}
+
+
+def run_gguf(settings: Settings, out: Path) -> dict:
+    from mka_core.compression.merge import apply_plan
+    from mka_core.engine.weights import SafetensorsStore
+    from mka_core.evaluation.evaluate import perplexity
+    from mka_core.models.loading import load_model
+    from mka_core.workflows.export import save_model
+    from mka_core.workflows.gguf_export import export_gguf
+    from mka_core.workflows.pipeline import eval_windows, make_budget_plan
+
+    loaded, analysis = _analysis(settings)
+    budget = min(GGUF_BUDGET, max(settings.budgets))
+    plan = make_budget_plan(loaded, analysis, "shortgpt", n_remove=budget, compensation="linear")
+    model = apply_plan(loaded.model, plan, batch=analysis.batch)
+    windows = eval_windows(loaded, "builtin", settings.eval_tokens, settings.eval_window)
+    result: dict = {"layers_removed": budget, "plan": "shortgpt+linear", "files": {}}
+    with tempfile.TemporaryDirectory(prefix="mka-bench-gguf-") as tmp:
+        folder = Path(tmp) / "bf16"
+        save_model(model, loaded.tokenizer, folder, plan=plan, out_dtype="bf16")
+        del model
+        t = time.perf_counter()
+        ref = load_model(str(folder))
+        ppl_bf16 = perplexity(ref.model, windows)
+        result["files"]["bf16"] = {
+            "perplexity": ppl_bf16,
+            "bytes": SafetensorsStore(folder).n_bytes,
+            "eval_s": round(time.perf_counter() - t, 1),
+        }
+        say(f"gguf: bf16 folder perplexity {ppl_bf16:.3f}")
+        del ref
+        for q in QUANTS:
+            path = Path(tmp) / f"model-{q}.gguf"
+            t = time.perf_counter()
+            summary = export_gguf(str(folder), path, q)
+            export_s = time.perf_counter() - t
+            back = load_model(str(path))
+            ppl = perplexity(back.model, windows)
+            result["files"][q] = {
+                "perplexity": ppl,
+                "ratio_to_bf16": ppl / ppl_bf16,
+                "bytes": path.stat().st_size,
+                "export_s": round(export_s, 1),
+                "tensor_types": summary.get("tensor_types"),
+            }
+            say(f"gguf: {q} file perplexity {ppl:.3f} ({ppl / ppl_bf16 - 1:+.2%} vs bf16)")
+            del back
+    result["q8_within_1pct"] = abs(result["files"]["Q8_0"]["ratio_to_bf16"] - 1) <= 0.01
+    write_json(out / "gguf.json", result)
+    return result
