@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import Settings, say, write_csv, write_json
+from .common import Settings, read_json, say, write_csv, write_json
 
 QUANTS = ("Q8_0", "Q4_0")
 SPECS = ("shortgpt", "shortgpt+linear", "sleb+linear")
@@ -132,5 +132,50 @@ def run_gguf(settings: Settings, out: Path) -> dict:
             say(f"gguf: {q} file perplexity {ppl:.3f} ({ppl / ppl_bf16 - 1:+.2%} vs bf16)")
             del back
     result["q8_within_1pct"] = abs(result["files"]["Q8_0"]["ratio_to_bf16"] - 1) <= 0.01
-    write_json(out / "gguf.json", result)
+    kept = (read_json(out / "gguf.json", {}) or {}).get("memory")  # run_gguf_memory's
+    write_json(out / "gguf.json", {**result, **({"memory": kept} if kept else {})})
     return result
+
+
+def run_gguf_memory(settings: Settings, out: Path) -> dict:
+    """`export-gguf` of a model of Llama-3-8B's widths (4 of its 32 layers: every tensor is one
+    of the 8B's own shapes, the 1 GB embedding and LM head included) in a child process, at Q8_0
+    and Q4_0: its peak resident memory (target: within the 4 GB of the rest of the chain) and
+    seconds. Adds "memory" to bench/results/gguf.json."""
+    from mka_core.models.synthetic import SHAPES, llama_config, write_random_model
+
+    from .scale import MODELS_DIR, WORK_DIR, _bundled_tokenizer, run_cli
+
+    name = "llama3-8b-wide-4l"
+    folder = MODELS_DIR / name
+    if not (folder / "config.json").is_file():
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        say(f"gguf memory: writing a random {name} model to {folder} (once)")
+        config = llama_config(**{**SHAPES["llama3-8b"], "num_hidden_layers": 4})
+        write_random_model(config, folder, tokenizer=_bundled_tokenizer())
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for q in QUANTS:
+        target = WORK_DIR / f"{name}-{q}.gguf"
+        r = run_cli(
+            ["export-gguf", "--model", str(folder), "--quant", q, "--quiet"]
+            + ["--out", str(target), "--overwrite"]
+        )
+        size = target.stat().st_size if target.is_file() else None
+        target.unlink(missing_ok=True)
+        rows[q] = {
+            "seconds": r["seconds"],
+            "peak_gb": r["peak_gb"],
+            "rc": r["rc"],
+            "bytes": size,
+            "error": r["error"],
+        }
+        say(f"gguf memory: {name} {q}: {r['seconds']} s, peak {r['peak_gb']} GB, rc {r['rc']}")
+    doc = read_json(out / "gguf.json", {}) or {}
+    doc["memory"] = {
+        "model": name,
+        "source_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "runs": rows,
+    }
+    write_json(out / "gguf.json", doc)
+    return doc["memory"]

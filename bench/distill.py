@@ -24,6 +24,8 @@ PER_BUDGET = 1  # frontier rows healed at each budget
 MAX_PLAN_S = 60  # rows whose planner took longer are left out (each heal replans them)
 FALLBACK_SPECS = ("shortgpt+linear", "sleb+linear")
 STEPS, LR, BATCH, TOP_K = 100, 1e-4, 4, 64
+# text of another kind than the corpus the heals train on: Debian's copy of the GPL, version 3
+OTHER_TEXT = Path("/usr/share/common-licenses/GPL-3")
 LOSSES = ("ce", "kd")
 
 COLUMNS = [
@@ -42,6 +44,11 @@ COLUMNS = [
     "perplexity_after",
     "kl_after",
     "top1_after",
+    "ood_perplexity_original",
+    "ood_perplexity_before",
+    "ood_kl_before",
+    "ood_perplexity_after",
+    "ood_kl_after",
     "train_loss_first",
     "train_loss_last",
     "heal_s",
@@ -92,6 +99,33 @@ def frontier_specs(path: Path, budgets, n: int = PER_BUDGET) -> dict[int, list[s
     return out
 
 
+def _other_windows(loaded, settings: Settings):
+    """Evaluation windows of OTHER_TEXT (None where the file is missing)."""
+    from mka_core.data.corpus import load_text_file, make_eval_windows
+
+    if not OTHER_TEXT.is_file():
+        say(f"distill: {OTHER_TEXT} is missing: no out-of-corpus columns")
+        return None
+    docs = load_text_file(OTHER_TEXT)
+    return make_eval_windows(
+        loaded.tokenizer, docs, budget_tokens=settings.eval_tokens, window=settings.eval_window
+    )
+
+
+def _other(loaded, model, windows, cache: dict, when: str) -> dict:
+    """Perplexity and KL to the original on OTHER_TEXT's windows (text the heals never saw)."""
+    from mka_core.evaluation.evaluate import fidelity
+
+    if windows is None or model is None:
+        return {}
+    fid = fidelity(loaded.model, model, windows, reference_cache=cache)
+    return {
+        "ood_perplexity_original": fid["perplexity_original"],
+        f"ood_perplexity_{when}": fid["perplexity_compressed"],
+        f"ood_kl_{when}": fid["kl"],
+    }
+
+
 def run(settings: Settings, out: Path) -> dict:
     from mka_core.compression.distill import teacher_topk
     from mka_core.compression.heal import heal
@@ -117,6 +151,8 @@ def run(settings: Settings, out: Path) -> dict:
     batch = analysis.batch
     windows = pipeline.eval_windows(loaded, "builtin", settings.eval_tokens, settings.eval_window)
     cache: dict = {}  # the original's final hidden states on the windows, computed once
+    other = _other_windows(loaded, settings)
+    other_cache: dict = {}
     targets = teacher_topk(loaded, batch, TOP_K)
     say(f"distill: the original's top-{TOP_K} on {batch.n_tokens} tokens in {targets.seconds} s")
     params_original = size(loaded.model)["params"]
@@ -148,6 +184,7 @@ def run(settings: Settings, out: Path) -> dict:
                 "perplexity_before": base.get("perplexity"),
                 "kl_before": base.get("kl"),
                 "top1_before": base.get("top1"),
+                **_other(loaded, model, other, other_cache, "before"),
             }
             if model is None:
                 rows.append({**common, "error": base.get("error", "no model")})
@@ -175,6 +212,7 @@ def run(settings: Settings, out: Path) -> dict:
                         "perplexity_after": fid["perplexity_compressed"],
                         "kl_after": fid["kl"],
                         "top1_after": fid["top1"],
+                        **_other(loaded, healed, other, other_cache, "after"),
                         "train_loss_first": rep.first_loss,
                         "train_loss_last": rep.last_loss,
                         "heal_s": round(heal_s, 1),
@@ -185,6 +223,13 @@ def run(settings: Settings, out: Path) -> dict:
                 say(
                     f"distill: {cfg.label} {loss}: perplexity {r['perplexity_before']:.2f} -> "
                     f"{r['perplexity_after']:.2f}, KL {r['kl_before']:.3f} -> {r['kl_after']:.3f}"
+                    + (
+                        f"; other text: perplexity {r['ood_perplexity_before']:.2f} -> "
+                        f"{r['ood_perplexity_after']:.2f}, KL {r['ood_kl_before']:.3f} -> "
+                        f"{r['ood_kl_after']:.3f}"
+                        if "ood_kl_after" in r
+                        else ""
+                    )
                 )
                 del healed
             del model

@@ -30,6 +30,7 @@ from .render_common import (
     _read,
     _sort_key,
 )
+from .render_deploy import deploy_section
 from .render_figures import _app_figures, _cost_figures, _quality_figures
 from .render_frontier import frontier_section
 from .render_quality import (
@@ -245,6 +246,9 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         L.append("")
         L += img("app_timing", "app responsiveness")
 
+    L += deploy_section(
+        read_json(out / "gguf.json", None), _read(out / "quant.csv"), _read(out / "distill.csv")
+    )
     L += truth_section(out, quality)
     L += dtype_section(out)
     L += scale_section(out)

@@ -4,7 +4,7 @@ Runs the benchmark sections, writes their results (CSV/JSON) to DIR (default ben
 regenerates BENCHMARKS.md with its figures from those files (bench/render.py). Progress goes to
 stderr. --quick runs every section on the tiny random model with tiny sizes (a smoke test of the
 whole pipeline, about two minutes; its numbers mean nothing) into bench/results/tmp/quick; it
-leaves out `scale`, which writes and streams a 16 GB model (--only scale runs it).
+leaves out `scale` and `gguf_memory`, which write models of real sizes (--only runs them).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SECTIONS = (
     "frontier_cost",
     "quant",
     "gguf",
+    "gguf_memory",
     "distill",
     "cost",
     "app",
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if md is None:
         default_full = not args.quick and out == DEFAULT_OUT.resolve()
         md = REPO / "BENCHMARKS.md" if default_full else out / "BENCHMARKS.md"
-    sections = args.only or [s for s in SECTIONS if not (args.quick and s == "scale")]
+    big = ("scale", "gguf_memory")  # models of real sizes: not in --quick
+    sections = args.only or [s for s in SECTIONS if not (args.quick and s in big)]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             from .deploy import run
         elif name == "gguf":
             from .deploy import run_gguf as run
+        elif name == "gguf_memory":
+            from .deploy import run_gguf_memory as run
         elif name == "distill":
             from .distill import run
         elif name == "cost":

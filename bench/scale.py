@@ -5,7 +5,8 @@ Llama-3-8B's exact shape (32 layers, d_model 4096, MLP 14336, 32/8 heads, vocabu
 untied; 16 GB of bf16), both written tensor by tensor with the bundled tokenizer — it runs, each as
 its own process: ``analyze`` (16 samples × 64 tokens), ``plan`` with shortgpt and with mka (8
 layers, from the saved analysis), ``apply`` of the mka plan (an export with merged layers) and
-``evaluate`` of the export against its original (512 tokens), streamed (--offload) and, where the
+``export-gguf`` of that export at Q8_0, ``evaluate`` of the export against its original (512
+tokens), streamed (--offload) and, where the
 model fits, in memory (--no-offload). Every row records wall time and the child's peak resident
 memory (its VmHWM, read by the child itself at exit). The page cache is dropped before each command
 where this process may (root), so reads come from the disk.
@@ -212,6 +213,11 @@ def chain(
                 ["apply", str(work / "mka.json"), *common, "--out", str(work / "merged")],
             ),
             (
+                "export-gguf Q8_0 of the export",
+                ["export-gguf", "--model", str(work / "merged"), "--quant", "Q8_0", "--quiet"]
+                + ["--out", str(work / "merged-Q8_0.gguf")],
+            ),
+            (
                 "evaluate export vs original",
                 ["evaluate", "--model", str(work / "merged"), flag, "--quiet", "--json"]
                 + ["--budget", str(EVAL_TOKENS), "--window", str(EVAL_TOKENS)]
@@ -236,6 +242,10 @@ def chain(
                 )
             written_to = {"apply": "merged", "transact": "pruned"}.get(label.split()[0])
             written_to = "linear" if "+linear" in label else written_to
+            if label.startswith("export-gguf") and r["rc"] == 0:
+                gguf = work / "merged-Q8_0.gguf"
+                note = f"{gguf.stat().st_size / 1e9:.2f} GB written"
+                gguf.unlink()
             if written_to and r["rc"] == 0:
                 files = (work / written_to).rglob("*")
                 note = f"{sum(f.stat().st_size for f in files if f.is_file()) / 1e9:.2f} GB written"

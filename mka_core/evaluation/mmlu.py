@@ -31,6 +31,71 @@ def answer_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def continuations(tokenizer) -> list[list[int]]:
+    """The tokens of " A" … " D" as they follow "Answer:" — one each for most tokenizers; a
+    tokenizer may split off the space (then each letter is two tokens, scored together)."""
+    out = []
+    for letter in LETTERS:
+        toks = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise MkaInputError(f"the tokenizer encodes {' ' + letter!r} as no tokens")
+        out.append(list(toks))
+    if len({tuple(c) for c in out}) != len(out):
+        raise MkaInputError(f"the tokenizer gives the answer letters A-D the same tokens {out}")
+    return out
+
+
+def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (n, T), right-padded
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(rows):
+        ids[r, : len(e)] = torch.tensor(e)
+        mask[r, : len(e)] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _last_logits(model, tokenizer, encoded, letter_ids, batch_size, progress) -> torch.Tensor:
+    """(n_questions, 4): the letters' logits after each prompt."""
+    ids, mask = _padded(encoded, _pad_id(tokenizer))
+    stack = as_stack(model)
+    lp = LayerPass.start(stack, ids, mask, batch_size=batch_size)
+    lp.run(progress=progress, label="MMLU: ")
+    out = []
+    with stack.head() as (_, logits):
+        for b, h in zip(lp.batches, lp.normed(), strict=True):
+            last = b.mask.sum(1) - 1  # (B,) the last real token of each prompt
+            lg = logits(h[torch.arange(h.shape[0], device=h.device), last])  # (B, V)
+            out.append(lg[:, torch.tensor(letter_ids, device=lg.device)].float().cpu())
+    return torch.cat(out)
+
+
+def _continuation_logprobs(model, tokenizer, encoded, conts, batch_size, progress):
+    """(n_questions, 4): log p(letter's tokens | prompt), summed over its tokens — one row per
+    question and letter (what lm-eval's multiple-choice accuracy compares)."""
+    rows = [e + c[:-1] for e in encoded for c in conts]
+    targets = [(len(e) - 1, c) for e in encoded for c in conts]
+    ids, mask = _padded(rows, _pad_id(tokenizer))
+    stack = as_stack(model)
+    lp = LayerPass.start(stack, ids, mask, batch_size=batch_size)
+    lp.run(progress=progress, label="MMLU: ")
+    scores = []
+    with stack.head() as (_, logits):
+        r = 0
+        for h in lp.normed():
+            for i in range(h.shape[0]):
+                start, cont = targets[r]
+                lg = logits(h[i, start : start + len(cont)]).float().log_softmax(-1)  # (k, V)
+                picked = lg[torch.arange(len(cont)), torch.tensor(cont, device=lg.device)]
+                scores.append(float(picked.sum()))
+                r += 1
+    return torch.tensor(scores).view(len(encoded), len(conts))
+
+
 def mmlu_accuracy(
     model,
     tokenizer,
@@ -40,8 +105,9 @@ def mmlu_accuracy(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
 ) -> dict:
-    """Accuracy on an MMLU-format folder: argmax over the four answer letters' logits at the last
-    position of each prompt (k-shot examples from dev/).
+    """Accuracy on an MMLU-format folder: the answer letter the model finds most likely after
+    each prompt (k-shot examples from dev/) — the argmax of the letters' log-likelihoods, as
+    lm-eval's multiple-choice accuracy; when each letter is one token, of their logits.
 
     limit: score only that many questions, spread evenly over the test split (so every subject
     keeps its share). Returns ``accuracy``, ``n``, ``k_shot`` and ``per_subject``
@@ -55,39 +121,29 @@ def mmlu_accuracy(
     pairs = mmlu_prompts(folder, k_shot=k_shot)
     if limit is not None and limit < len(pairs):
         pairs = [pairs[(j * len(pairs)) // limit] for j in range(limit)]
-    letter_ids = torch.tensor(answer_token_ids(tokenizer))
+    conts = continuations(tokenizer)
     max_pos = max_positions(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    longest = max(len(c) for c in conts)
     n_cut = 0
     encoded = []
     for prompt, _ in pairs:
         ids = tokenizer(prompt)["input_ids"]
-        if max_pos is not None and len(ids) > max_pos:
-            ids = ids[-max_pos:]  # keep the question; drop the oldest shots
+        room = None if max_pos is None else max_pos - longest + 1
+        if room is not None and len(ids) > room:
+            ids = ids[-room:]  # keep the question; drop the oldest shots
             n_cut += 1
         encoded.append(ids)
     if n_cut:
         log.warning("%d MMLU prompts were longer than the model's context and were cut", n_cut)
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)  # (n, T), right-padded
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(encoded):
-        ids[r, : len(e)] = torch.tensor(e)
-        mask[r, : len(e)] = 1
-
-    stack = as_stack(model)
-    correct: dict[str, list[int]] = {}  # subject -> [right, total]
     with eval_mode(model), torch.inference_mode():
-        lp = LayerPass.start(stack, ids, mask, batch_size=batch_size)
-        lp.run(progress=progress, label="MMLU: ")
-        hidden = lp.normed()
-        picks: list[int] = []
-        with stack.head() as (_, logits):
-            for b, h in zip(lp.batches, hidden, strict=True):
-                last = b.mask.sum(1) - 1  # (B,) the last real token of each prompt
-                rows = torch.arange(h.shape[0], device=h.device)
-                lg = logits(h[rows, last])  # (B, V)
-                picks += lg[:, letter_ids.to(lg.device)].float().argmax(-1).tolist()
+        if longest == 1:  # one token per letter: one row per question, the letters' logits
+            scores = _last_logits(
+                model, tokenizer, encoded, [c[0] for c in conts], batch_size, progress
+            )
+        else:
+            scores = _continuation_logprobs(model, tokenizer, encoded, conts, batch_size, progress)
+    picks = scores.argmax(-1).tolist()  # (n_questions,)
+    correct: dict[str, list[int]] = {}  # subject -> [right, total]
     for (_, item), pick in zip(pairs, picks, strict=True):
         tally = correct.setdefault(item.subject, [0, 0])
         tally[0] += int(LETTERS[pick] == item.answer)

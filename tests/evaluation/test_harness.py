@@ -225,6 +225,17 @@ def test_lm_eval_prompts_are_the_mmlu_scorers_prompts(tasks_dir, name, k):
     assert prompts[0].startswith(HEADER + ("What is 1 + 1?" if k else "What is the capital"))
 
 
+def test_mmlu_scorer_agrees_with_lm_eval_when_letters_are_two_tokens(tiny, tasks_dir):
+    """The tiny tokenizer splits " B" and " D" into a space and the letter: the scorer then sums
+    each letter's tokens' log-probabilities, as lm-eval does, and reports its accuracy."""
+    tok = tiny.tokenizer
+    assert max(len(tok(" " + x, add_special_tokens=False)["input_ids"]) for x in LETTERS) == 2
+    ours = run_tasks(tiny.model, tok, "mka_mc,mka_mc5", tasks_dir=tasks_dir)
+    for name, k in (("mka_mc", 0), ("mka_mc5", 5)):
+        product = mmlu_accuracy(tiny.model, tok, tasks_dir / "mmlu", k_shot=k, batch_size=3)
+        assert product["accuracy"] == ours["tasks"][name]["metrics"]["acc"], name
+
+
 @pytest.mark.integration
 def test_mmlu_scorer_agrees_with_lm_eval_on_the_bundled_model(bundled, tasks_dir):
     """On SmolLM2's tokenizer " A" … " D" are one token each, so the MMLU scorer's argmax over the

@@ -438,6 +438,17 @@ def test_results_run_history_and_export(tmp_path):
     assert not _errors(at)
     assert (out / "config.json").is_file() and (out / "plan.json").is_file()
     assert any("zip" in b.proto.label for b in at.get("download_button"))
+    # and as a GGUF file in the folder, which plain transformers reads back
+    gguf_out = tmp_path / "with-gguf"
+    at.text_input(key="export_folder").input(str(gguf_out))
+    choice = next(c for c in at.selectbox(key="export_gguf").options if c.startswith("GGUF Q8_0"))
+    at.selectbox(key="export_gguf").set_value(choice)
+    at.button(key="export_submit").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(gguf_out, gguf_file="model-Q8_0.gguf").num_hidden_layers == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,6 +629,7 @@ def test_what_matters_page_measures_the_damage():
 def test_compare_page_runs_a_small_sweep():
     at = _with_analysis("compare")
     at.multiselect(key="cmp_planners").set_value(["shortgpt", "mka"])
+    at.multiselect(key="cmp_quants").set_value(["Q4_0"])
     at.text_input(key="cmp_budgets").input("1")
     at.number_input(key="cmp_eval").set_value(512)
     at.number_input(key="cmp_window").set_value(128)
@@ -625,11 +637,15 @@ def test_compare_page_runs_a_small_sweep():
     _ok(at)
     assert not _errors(at), _errors(at)
     result = at.session_state[ui.COMPARE]
-    assert [r["config"] for r in result.rows] == [
-        "original",
-        "shortgpt -1",
-        "mka -1",
-        "transact -1",
+    assert [(r["config"], r.get("quant")) for r in result.rows] == [
+        ("original", None),
+        ("original", "Q4_0"),
+        ("shortgpt -1", None),
+        ("shortgpt -1", "Q4_0"),
+        ("mka -1", None),
+        ("mka -1", "Q4_0"),
+        ("transact -1", None),
+        ("transact -1", "Q4_0"),
     ]
     at.text_input(key="cmp_budgets").input("99")
     at.button(key="cmp_run").click().run()
