@@ -217,20 +217,7 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--no-generations", action="store_true", help="skip the sample generations")
-    p.add_argument(
-        "--tasks",
-        default=None,
-        help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag), scored with "
-        "lm-eval on the original and on the compressed model",
-    )
-    p.add_argument(
-        "--tasks-dir",
-        default=None,
-        help="a folder of lm-eval task YAMLs for --tasks (e.g. reading local JSONL files)",
-    )
-    p.add_argument(
-        "--limit", type=_positive_int, default=None, help="--tasks: score only N examples each"
-    )
+    _add_tasks(p, "on the original and on the compressed model")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--out", default=None, help="also write the results JSON to this file")
     p.set_defaults(func=cmd_evaluate)
@@ -381,6 +368,23 @@ def _add_heal(sub) -> None:
     p.set_defaults(func=cmd_heal)
 
 
+def _add_tasks(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=f"lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag), scored with "
+        f"lm-eval {what}",
+    )
+    p.add_argument(
+        "--tasks-dir",
+        default=None,
+        help="a folder of lm-eval task YAMLs for --tasks (e.g. reading local JSONL files)",
+    )
+    p.add_argument(
+        "--limit", type=_positive_int, default=None, help="--tasks: score only N examples each"
+    )
+
+
 def _add_quant(p: argparse.ArgumentParser, what: str) -> None:
     types = ", ".join(f"{q} ({h})" for q, h in QUANT_HELP.items())
     p.add_argument(
@@ -415,6 +419,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--loss-samples", type=_positive_int, default=None, help="see plan --help")
     p.add_argument("--speed", action="store_true", help="also time decoding (in memory only)")
     _add_quant(p, "every row (the original's too: quantization alone) is also measured")
+    _add_tasks(p, "on every row (not the quantized ones) and the original")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", default=None, help="a Ray cluster's address (default: local Ray)")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")

@@ -12,6 +12,7 @@ from mka_core.compression.transact import prune
 from mka_core.data.corpus import load_documents, make_calibration
 from mka_core.errors import MkaInputError
 from mka_core.evaluation.evaluate import perplexity
+from mka_core.evaluation.harness import check_tasks
 from mka_core.files import check_out_dir
 from mka_core.models.loading import load_model
 from mka_core.workflows.compare import compare_sweep, parse_quants
@@ -147,6 +148,7 @@ def cmd_compare(args) -> int:
     progress = Progress(args.quiet)
     parse_planners(args.planners)  # bad specs fail before anything is loaded
     parse_quants(args.quant)
+    check_tasks(args.tasks, args.tasks_dir, args.limit)  # unknown lm-eval tasks, before loading
     check_out_dir(args.out, args.overwrite, protect=[args.model])
     loaded = _load(args, progress)
     parse_budgets(args.budgets, loaded.n_layers)
@@ -163,6 +165,9 @@ def cmd_compare(args) -> int:
         with_speed=args.speed,
         loss_samples=args.loss_samples,
         quants=args.quant,
+        tasks=args.tasks,
+        tasks_dir=args.tasks_dir,
+        task_limit=args.limit,
         executor=args.executor,
         address=args.address,
         progress=progress,

@@ -127,3 +127,23 @@ def history_frame(rows: list[dict]) -> pd.DataFrame:
         if c in df
     ]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+def task_table(original, compressed):
+    """lm-eval scores of both models, one row per task and metric (stderr beside)."""
+    rows = []
+    for name, t in (compressed.tasks or {}).get("tasks", {}).items():
+        before = ((original.tasks or {}).get("tasks", {}).get(name) or {}).get("metrics", {})
+        for metric, value in t.get("metrics", {}).items():
+            if "stderr" in metric or value is None:
+                continue
+            rows.append(
+                {
+                    "task": f"{name} ({t.get('n')} examples)",
+                    "metric": metric,
+                    "original": fmt_num(before.get(metric), 4),
+                    "compressed": fmt_num(value, 4),
+                    "± (compressed)": fmt_num(t["metrics"].get(f"{metric}_stderr"), 4),
+                }
+            )
+    return pd.DataFrame(rows)

@@ -11,6 +11,7 @@ import streamlit as st
 from mka_core.compression.importance import measure_importance as _measure
 from mka_core.compression.transact import target_shape
 from mka_core.errors import MkaInputError, ProgressFn
+from mka_core.evaluation.harness import parse_tasks
 from mka_core.figures.tables import history_frame as _frame
 from mka_core.ui import guards, session
 from mka_core.ui import state as S
@@ -28,12 +29,21 @@ ORIGINAL_EVAL = "mka_original_eval"  # {settings key: [original EvalResult, refe
 
 
 def eval_settings(
-    budget_tokens, window, with_speed, with_generations, gen_tokens=None, eval_data="builtin"
+    budget_tokens,
+    window,
+    with_speed,
+    with_generations,
+    gen_tokens=None,
+    eval_data="builtin",
+    tasks: str = "",
+    tasks_dir: str = "",
 ):
-    """The one object that says how runs are evaluated (pipeline.EvalSettings)."""
+    """The one object that says how runs are evaluated (pipeline.EvalSettings); `tasks`: lm-eval
+    task names, comma-separated, with an optional folder of task YAMLs."""
 
     loaded = current_model()
     gen = gen_tokens or eval_defaults(loaded)["gen_tokens"]
+    names = tuple(parse_tasks(tasks)) if tasks and tasks.strip() else ()
     return EvalSettings(
         eval_data=eval_data,
         budget_tokens=int(budget_tokens),
@@ -41,6 +51,8 @@ def eval_settings(
         with_speed=bool(with_speed),
         with_generations=bool(with_generations),
         gen_tokens=int(gen),
+        tasks=names,
+        tasks_dir=(tasks_dir.strip() or None) if names and tasks_dir else None,
     )
 
 

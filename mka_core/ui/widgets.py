@@ -8,7 +8,14 @@ import streamlit as st
 from mka_core.errors import MkaInputError
 from mka_core.evaluation.generation import DEFAULT_PROMPTS
 from mka_core.figures.runs import before_after_figure
-from mka_core.figures.tables import before_after_table, fmt_mb, fmt_num, fmt_params, fmt_pct
+from mka_core.figures.tables import (
+    before_after_table,
+    fmt_mb,
+    fmt_num,
+    fmt_params,
+    fmt_pct,
+    task_table,
+)
 from mka_core.ui import actions, exports, guards, session
 from mka_core.ui import state as S
 from mka_core.ui.resources import eval_defaults
@@ -220,8 +227,20 @@ def eval_settings_form(key: str, submit_label: str, submit_key: str, extra=None)
             key=f"{key}eval_generations",
             help=f"Greedy continuations of fixed prompts, {d['gen_tokens']} new tokens each.",
         )
+        t1, t2 = st.columns(2)
+        tasks = t1.text_input(
+            "lm-eval tasks (optional)",
+            key=f"{key}eval_tasks",
+            placeholder="e.g. arc_easy,hellaswag",
+            help="lm-evaluation-harness tasks, scored on both models with lm-eval's own "
+            "Hugging Face wrapper. Hub tasks download their data; offline, give a folder of task "
+            "YAMLs reading local files.",
+        )
+        tasks_dir = t2.text_input("lm-eval tasks folder (optional)", key=f"{key}eval_tasks_dir")
         submitted = st.form_submit_button(submit_label, type="primary", key=submit_key)
-    settings = actions.eval_settings(budget, window, with_speed, with_text)
+    settings = actions.eval_settings(
+        budget, window, with_speed, with_text, tasks=tasks, tasks_dir=tasks_dir
+    )
     return settings, submitted, extra_vals
 
 
@@ -276,6 +295,9 @@ def before_after_section(run, key: str = "") -> None:
     m[3].metric(
         "Decode speed", f"{fmt_num(c.decode_tps, 1)} tok/s" if c.decode_tps else "not measured"
     )
+    if c.tasks:
+        st.markdown("**lm-evaluation-harness**")
+        st.table(task_table(o, c), hide_index=True, border="horizontal")
     skipped = (c.meta or {}).get("skipped") or {}
     if skipped:
         st.caption("Skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
@@ -330,7 +352,7 @@ def export_section(key: str = "", default_index: int | None = None) -> None:
             "Replace the folder if it exists", False, key=f"{key}export_overwrite"
         )
         gguf_name = st.selectbox(
-            "Also as a GGUF file (llama.cpp, Ollama)",
+            "Also as a GGUF file (for llama.cpp)",
             list(exports.GGUF_CHOICES),
             key=f"{key}export_gguf",
             help="Written into the folder as model-<type>.gguf, tensor by tensor, with the "

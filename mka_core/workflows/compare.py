@@ -29,12 +29,14 @@ from mka_core.compression.heal import heal
 from mka_core.compression.planners import PLANNERS
 from mka_core.engine.quant import check_quant
 from mka_core.errors import MkaInputError, ProgressFn, report
+from mka_core.evaluation.harness import check_tasks
 from mka_core.evaluation.results import size
 from mka_core.figures.compare import compare_figure
 from mka_core.files import atomic_dir
 from mka_core.workflows.compare_ray import check_ray_address, run_ray
 from mka_core.workflows.pipeline import eval_windows
 from mka_core.workflows.sweep import (
+    TASK_PREFIX,
     TRANSACT,
     _evaluate,
     _Planned,
@@ -44,6 +46,7 @@ from mka_core.workflows.sweep import (
     quant_results,
     row_brief,
     run_config,
+    task_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -92,11 +95,12 @@ class CompareResult:
 
     def csv(self) -> str:
 
+        cols = COLUMNS + sorted({k for r in self.rows for k in r if k.startswith(TASK_PREFIX)})
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in self.rows:
-            w.writerow({k: _cell(r.get(k)) for k in COLUMNS})
+            w.writerow({k: _cell(r.get(k)) for k in cols})
         return buf.getvalue()
 
     def save(self, out_dir, overwrite: bool = False) -> Path:
@@ -153,6 +157,9 @@ def compare_sweep(
     heal_batch: int = 4,
     heal_lr: float = 1e-4,
     quants=(),
+    tasks=None,
+    tasks_dir=None,
+    task_limit: int | None = None,
     executor: str = "local",
     address: str | None = None,
     progress: ProgressFn | None = None,
@@ -162,12 +169,15 @@ def compare_sweep(
     quants: GGUF quantization types (e.g. "Q8_0,Q4_0"); every unhealed row, the original's
     included (quantization alone), gains a row per type measured after a quantize → dequantize
     round trip of its weights (see `engine.quant`), with its GGUF size in `gguf_bytes`.
+    tasks (lm-eval task names; tasks_dir, task_limit as `evaluate --tasks`): every unquantized
+    row, the original's included, gains "lm-eval <task> acc" (and acc_norm) columns.
 
     Bad input — an unknown planner, a budget beyond the model, a Ray address that does not
     answer, an unknown quantization type — is refused before anything runs."""
 
     specs = parse_planners(planners)
     quants = parse_quants(quants)
+    task_names = check_tasks(tasks, tasks_dir, task_limit) if tasks else None
     budgets = parse_budgets(budgets, loaded.n_layers)
     if executor not in ("local", "ray"):
         raise MkaInputError(f"unknown executor {executor!r}; expected local or ray")
@@ -188,9 +198,11 @@ def compare_sweep(
         transact_samples=transact_samples,
         transact_shots=transact_shots,
         quants=quants,
+        tasks=(task_names, tasks_dir, task_limit) if task_names else None,
     )
     report(progress, 0.0, f"compare: the original on {windows.numel()} tokens")
     rows = [_original_row(loaded, analysis, windows, cache, with_speed, quants)]
+    rows[0].update(task_scores(loaded.model, loaded.tokenizer, kw["tasks"]))
     models = {}  # config -> compressed model, kept for healing
     if executor == "ray":
         rows += run_ray(loaded, analysis, configs, windows, cache, kw, address, progress)

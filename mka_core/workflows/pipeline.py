@@ -30,6 +30,7 @@ from mka_core.data.corpus import (
 )
 from mka_core.errors import MkaInputError, ProgressFn, report
 from mka_core.evaluation.evaluate import compare
+from mka_core.evaluation.harness import attach_tasks, check_tasks, require_in_memory
 from mka_core.evaluation.provenance import describe
 from mka_core.evaluation.results import EvalResult
 from mka_core.models.loading import LoadedModel
@@ -331,6 +332,9 @@ class EvalSettings:
     with_generations: bool = True
     gen_tokens: int = 32
     mmlu_folder: object = None
+    tasks: tuple = ()  # lm-eval task names (evaluation.harness), with their folder and limit
+    tasks_dir: object = None
+    task_limit: int | None = None
 
     def key(self) -> tuple:
         """What decides the original's result (to reuse it across runs)."""
@@ -343,6 +347,7 @@ class EvalSettings:
             self.with_generations,
             self.gen_tokens,
             str(self.mmlu_folder),
+            (self.tasks, str(self.tasks_dir), self.task_limit),
         )
 
 
@@ -355,7 +360,10 @@ def _evaluate_pair(
 
     s = settings
     windows = eval_windows(loaded, s.eval_data, s.budget_tokens, s.window)
-    return compare(
+    if s.tasks:  # before the evaluation, not after it
+        require_in_memory(loaded.model, model)
+        check_tasks(list(s.tasks), s.tasks_dir, s.task_limit)
+    orig, comp = compare(
         loaded,
         model,
         windows,
@@ -375,6 +383,11 @@ def _evaluate_pair(
         original_result=original,
         reference_cache=reference_cache,
     )
+    if not s.tasks:
+        return orig, comp
+    todo = [(r, m) for r, m in ((orig, loaded.model), (comp, model)) if r.tasks is None]
+    scored = attach_tasks(*zip(*todo), loaded.tokenizer, list(s.tasks), s.tasks_dir, s.task_limit)
+    return tuple(scored) if len(scored) == 2 else (orig, scored[0])
 
 
 def run_plan(

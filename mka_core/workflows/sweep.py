@@ -21,6 +21,7 @@ from mka_core.engine.quant import gguf_bytes, quantized
 from mka_core.errors import MkaInputError
 from mka_core.evaluation.evaluate import _exp, fidelity
 from mka_core.evaluation.generation import speed
+from mka_core.evaluation.harness import require_in_memory, run_tasks
 from mka_core.evaluation.results import size
 from mka_core.models.loading import count_params
 from mka_core.workflows.pipeline import make_budget_plan
@@ -294,6 +295,25 @@ def _evaluate(loaded, model, windows, cache, with_speed: bool) -> dict:
     return out
 
 
+TASK_PREFIX = "lm-eval "  # row keys of lm-eval scores: "lm-eval <task> <metric>"
+
+
+def task_scores(model, tokenizer, tasks) -> dict:
+    """lm-eval's accuracies of `model` for a row ({} without tasks); `tasks`: (names, folder,
+    limit) as `evaluation.harness.run_tasks` takes them."""
+    if not tasks or not tasks[0]:
+        return {}
+    names, folder, limit = tasks
+    (module,) = require_in_memory(model)
+    summary = run_tasks(module, tokenizer, names, folder, limit)
+    return {
+        f"{TASK_PREFIX}{name} {metric}": value
+        for name, t in summary["tasks"].items()
+        for metric, value in t["metrics"].items()
+        if metric in ("acc", "acc_norm")
+    }
+
+
 def quant_results(loaded, model, windows, cache, quants) -> dict:
     """`model` after a quantize → dequantize round trip of its weights, per type in `quants`
     (`engine.quant`, the GGUF export's own rule): perplexity, KL and top-1 against the unquantized
@@ -333,6 +353,7 @@ def run_config(
     transact_shots: int = 4,
     keep_model: bool = False,
     quants: tuple[str, ...] = (),
+    tasks: tuple | None = None,
 ) -> tuple[dict, object]:
     """One row (and, with keep_model, the compressed model, e.g. for healing); with `quants`,
     the row's "quantized" holds `quant_results` for each type."""
@@ -380,6 +401,7 @@ def run_config(
     row.update(_evaluate(loaded, model, windows, cache, with_speed))
     if quants:
         row["quantized"] = quant_results(loaded, model, windows, cache, quants)
+    row.update(task_scores(model, loaded.tokenizer, tasks))
     row["params_removed_pct"] = 100.0 * (1 - row["params"] / params_original)
     if plan is not None:
         row["plan"] = plan.to_dict()

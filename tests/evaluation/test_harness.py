@@ -389,3 +389,52 @@ def test_evaluate_command_bad_task_is_one_line_before_loading(tasks_dir, capsys)
     args = ["evaluate", "--model", "tiny:llama", "--offload", "--quiet", "--no-reference"]
     assert main([*args, "--tasks", "mka_mc", "--tasks-dir", str(tasks_dir)]) == 2
     assert "streamed from disk" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# E: lm-eval scores in compare's table and in the app's runs
+
+
+def test_compare_and_runs_carry_lm_eval_scores(tiny, tasks_dir):
+    from mka_core.workflows.compare import compare_sweep
+    from mka_core.workflows.pipeline import EvalSettings, analyze, make_budget_plan, run_plan
+
+    analysis = analyze(tiny, n_samples=16, max_tokens=32, n_boot=0)
+    res = compare_sweep(
+        tiny,
+        analysis,
+        "shortgpt",
+        "1",
+        quants="Q8_0",
+        tasks="mka_mc",
+        tasks_dir=tasks_dir,
+        task_limit=8,
+        eval_budget=512,
+        eval_window=128,
+    )
+    key = "lm-eval mka_mc acc"
+    orig, orig_q8, row, row_q8 = res.rows
+    assert (
+        orig[key]
+        == run_tasks(tiny.model, tiny.tokenizer, "mka_mc", tasks_dir, 8)["tasks"]["mka_mc"][
+            "metrics"
+        ]["acc"]
+    )
+    assert key in row and key not in orig_q8 and key not in row_q8  # quantized rows: not scored
+    assert key in res.csv().splitlines()[0]
+
+    settings = EvalSettings(
+        budget_tokens=512,
+        window=128,
+        with_speed=False,
+        with_generations=False,
+        tasks=("mka_mc",),
+        tasks_dir=tasks_dir,
+        task_limit=8,
+    )
+    plan = make_budget_plan(tiny, analysis, "shortgpt", n_remove=1)
+    first = run_plan(tiny, plan, settings=settings)
+    assert first.original.tasks["tasks"]["mka_mc"]["metrics"]["acc"] == orig[key]
+    assert first.compressed.tasks["tasks"]["mka_mc"]["metrics"]["acc"] == row[key]
+    again = run_plan(tiny, plan, settings=settings, original=first.original)
+    assert again.original is first.original  # the original's scores are reused, not re-run

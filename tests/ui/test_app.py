@@ -672,3 +672,39 @@ def test_heal_by_distillation_from_the_app():
     assert healed["kl"] is not None and healed["kl"] >= 0
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Perplexity after healing"] == f"{healed['perplexity']:,.2f}"
+
+
+def test_results_page_scores_lm_eval_tasks_on_both_models(tmp_path):
+    """A local lm-eval task typed into the evaluation form: both models scored, shown in a table."""
+    import json
+
+    import yaml
+
+    rows = [("2 + 2 =", ["4", "5", "6", "7"], 0), ("3 + 3 =", ["5", "6", "7", "8"], 1)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "c": c, "a": a}) + "\n" for q, c, a in rows))
+    task = {
+        "task": "app_qa",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}",
+        "doc_to_choice": "{{c}}",
+        "doc_to_target": "a",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    (tmp_path / "app_qa.yaml").write_text(yaml.safe_dump(task))
+    at = _with_plan("results")
+    at.text_input(key="eval_tasks").input("app_qa")
+    at.text_input(key="eval_tasks_dir").input(str(tmp_path))
+    at = _run_plan(at)
+    assert not _errors(at), _errors(at)
+    run = at.session_state[ui.RUNS][-1]
+    assert run.original.tasks["tasks"]["app_qa"]["n"] == 2
+    assert run.compressed.tasks["tasks"]["app_qa"]["metrics"]["acc"] in (0.0, 0.5, 1.0)
+    assert any("lm-evaluation-harness" in m.value for m in at.markdown)
+    at.text_input(key="eval_tasks").input("no_such_task_here")
+    at = _run_plan(at)
+    assert any("no_such_task_here" in e for e in _errors(at)), _errors(at)
