@@ -405,3 +405,32 @@ def read_json(path: Path, default=None):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return default
+
+
+def loaded_analysis(settings: Settings):
+    """The settings' model and its analysis on the quality section's calibration batch (no
+    stability resampling): what the frontier, quantization and distillation sections start from."""
+    from mka_core.models.loading import load_model
+    from mka_core.workflows import pipeline
+
+    loaded = load_model(settings.model)
+    analysis = pipeline.analyze(
+        loaded,
+        n_samples=settings.calib_samples,
+        max_tokens=settings.calib_tokens,
+        stability=False,
+        progress=lambda f, msg: None,
+    )
+    return loaded, analysis
+
+
+def sweep_progress(prefix: str):
+    """A progress callback for `compare_sweep`: each finished config, else a line per 15 s."""
+    last = [0.0]
+
+    def progress(fraction: float, msg: str) -> None:
+        if time.perf_counter() - last[0] > 15 or msg.startswith("compare:"):
+            say(f"{prefix}: {msg}")
+            last[0] = time.perf_counter()
+
+    return progress

@@ -18,7 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import Settings, read_json, say, write_csv, write_json
+from .common import (
+    Settings,
+    loaded_analysis,
+    read_json,
+    say,
+    sweep_progress,
+    write_csv,
+    write_json,
+)
 
 QUANTS = ("Q8_0", "Q4_0")
 SPECS = ("shortgpt", "shortgpt+linear", "sleb+linear")
@@ -36,37 +44,11 @@ QUANT_COLUMNS = [
 ]
 
 
-def _progress(prefix: str):
-    last = [0.0]
-
-    def progress(fraction: float, msg: str) -> None:
-        if time.perf_counter() - last[0] > 15 or msg.startswith("compare:"):
-            say(f"{prefix}: {msg}")
-            last[0] = time.perf_counter()
-
-    return progress
-
-
-def _analysis(settings: Settings):
-    from mka_core.models.loading import load_model
-    from mka_core.workflows import pipeline
-
-    loaded = load_model(settings.model)
-    analysis = pipeline.analyze(
-        loaded,
-        n_samples=settings.calib_samples,
-        max_tokens=settings.calib_tokens,
-        stability=False,
-        progress=lambda f, msg: None,
-    )
-    return loaded, analysis
-
-
 def run(settings: Settings, out: Path) -> dict:
     from mka_core.workflows.compare import compare_sweep
 
     t0 = time.perf_counter()
-    loaded, analysis = _analysis(settings)
+    loaded, analysis = loaded_analysis(settings)
     result = compare_sweep(
         loaded,
         analysis,
@@ -77,7 +59,7 @@ def run(settings: Settings, out: Path) -> dict:
         eval_window=settings.eval_window,
         loss_samples=settings.loss_samples,
         plan_limit_s=settings.plan_limit_s,
-        progress=_progress("quant"),
+        progress=sweep_progress("quant"),
     )
     rows = [{k: r.get(k) for k in QUANT_COLUMNS} for r in result.rows]
     for r in rows:
@@ -95,7 +77,7 @@ def run_gguf(settings: Settings, out: Path) -> dict:
     from mka_core.workflows.gguf_export import export_gguf
     from mka_core.workflows.pipeline import eval_windows, make_budget_plan
 
-    loaded, analysis = _analysis(settings)
+    loaded, analysis = loaded_analysis(settings)
     budget = min(GGUF_BUDGET, max(settings.budgets))
     plan = make_budget_plan(loaded, analysis, "shortgpt", n_remove=budget, compensation="linear")
     model = apply_plan(loaded.model, plan, batch=analysis.batch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import Settings, read_csv, say, write_csv
+from .common import Settings, loaded_analysis, read_csv, say, write_csv
 
 BUDGETS = (6, 10)  # layers removed (full run)
 PER_BUDGET = 1  # frontier rows healed at each budget
@@ -131,7 +131,6 @@ def run(settings: Settings, out: Path) -> dict:
     from mka_core.compression.heal import heal
     from mka_core.evaluation.evaluate import fidelity
     from mka_core.evaluation.results import size
-    from mka_core.models.loading import load_model
     from mka_core.workflows import pipeline
     from mka_core.workflows.sweep import make_configs, parse_planners, run_config
 
@@ -140,14 +139,7 @@ def run(settings: Settings, out: Path) -> dict:
     steps = settings.heal_steps if quick else STEPS
     t_section = time.perf_counter()
     say(f"distill: loading {settings.model}")
-    loaded = load_model(settings.model)
-    analysis = pipeline.analyze(
-        loaded,
-        n_samples=settings.calib_samples,
-        max_tokens=settings.calib_tokens,
-        stability=False,
-        progress=lambda f, msg: None,
-    )
+    loaded, analysis = loaded_analysis(settings)
     batch = analysis.batch
     windows = pipeline.eval_windows(loaded, "builtin", settings.eval_tokens, settings.eval_window)
     cache: dict = {}  # the original's final hidden states on the windows, computed once

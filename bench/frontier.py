@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import Settings, say, write_csv, write_json
+from .common import Settings, loaded_analysis, say, sweep_progress, write_csv, write_json
 from .quality import COLUMNS, _row
 
 FRONTIER_COLUMNS = [*COLUMNS[:2], "merge_mode", "compensation", *COLUMNS[2:]]
@@ -28,26 +28,10 @@ def specs() -> list[str]:
 
 
 def run(settings: Settings, out: Path) -> dict:
-    from mka_core.models.loading import load_model
-    from mka_core.workflows import pipeline
     from mka_core.workflows.compare import compare_sweep
 
     t_section = time.perf_counter()
-    loaded = load_model(settings.model)
-    analysis = pipeline.analyze(
-        loaded,
-        n_samples=settings.calib_samples,
-        max_tokens=settings.calib_tokens,
-        stability=False,
-        progress=lambda f, msg: None,
-    )
-    last = [0.0]
-
-    def progress(fraction: float, msg: str) -> None:
-        if time.perf_counter() - last[0] > 15 or msg.startswith("compare:"):
-            say(f"frontier: {msg}")
-            last[0] = time.perf_counter()
-
+    loaded, analysis = loaded_analysis(settings)
     result = compare_sweep(
         loaded,
         analysis,
@@ -59,7 +43,7 @@ def run(settings: Settings, out: Path) -> dict:
         with_speed=False,
         plan_limit_s=settings.plan_limit_s,
         loss_samples=settings.loss_samples,
-        progress=progress,
+        progress=sweep_progress("frontier"),
     )
     rows = [_row(r) for r in result.rows]
     write_csv(out / "frontier.csv", rows, FRONTIER_COLUMNS)

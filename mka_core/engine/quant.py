@@ -95,7 +95,11 @@ def decode(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 def round_trip(t: torch.Tensor, quant: str) -> torch.Tensor:
     """`t` quantized as the GGUF export stores it and read back, in `t`'s dtype and device."""
-    qtype = storage_type(t.shape, quant)
+    return _stored_as(t, storage_type(t.shape, quant))
+
+
+def _stored_as(t: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """`t` encoded as `qtype` and decoded back, in `t`'s dtype and device."""
     if qtype == GGMLQuantizationType.F32:  # exact for every float dtype a model holds
         return t
     back = decode(encode(t, qtype), qtype).reshape(tuple(t.shape))
@@ -124,19 +128,12 @@ class QuantizedStore(TensorStore):
     def info(self, name: str) -> TensorInfo:
         return self.store.info(name)
 
-    def _full_shape(self, name: str) -> tuple:
-        return tuple(self.store.info(name).shape)
-
     def get(self, name: str) -> torch.Tensor:
         return round_trip(self.store.get(name), self.quant)
 
     def _rows(self, name: str, t: torch.Tensor) -> torch.Tensor:
         # the storage type follows the whole tensor's shape, not the rows read
-        qtype = storage_type(self._full_shape(name), self.quant)
-        if qtype == GGMLQuantizationType.F32:
-            return t
-        back = decode(encode(t, qtype), qtype).reshape(tuple(t.shape))
-        return torch.from_numpy(np.ascontiguousarray(back)).to(device=t.device, dtype=t.dtype)
+        return _stored_as(t, storage_type(self.store.info(name).shape, self.quant))
 
     def get_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return self._rows(name, self.store.get_rows(name, rows))

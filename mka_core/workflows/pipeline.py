@@ -385,9 +385,11 @@ def _evaluate_pair(
     )
     if not s.tasks:
         return orig, comp
-    todo = [(r, m) for r, m in ((orig, loaded.model), (comp, model)) if r.tasks is None]
-    scored = attach_tasks(*zip(*todo), loaded.tokenizer, list(s.tasks), s.tasks_dir, s.task_limit)
-    return tuple(scored) if len(scored) == 2 else (orig, scored[0])
+    task_args = (loaded.tokenizer, list(s.tasks), s.tasks_dir, s.task_limit)
+    if orig.tasks is None:  # a reused original result keeps its scores
+        (orig,) = attach_tasks([orig], [loaded.model], *task_args)
+    (comp,) = attach_tasks([comp], [model], *task_args)
+    return orig, comp
 
 
 def run_plan(
