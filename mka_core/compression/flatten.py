@@ -13,9 +13,11 @@ activations of its heads), and the MLP neurons of all k layers competing on one 
 units' output projections are then refitted by least squares on the same activations, so the kept
 units also stand in for the removed ones: with ``A`` the activations entering ``down_proj`` (or
 ``o_proj``) and ``K`` the kept units, ``W_K ← argmin ‖A_K W_Kᵀ − A Wᵀ‖² + λ‖W_K‖²``, whose normal
-equations need only the Gram matrix ``AᵀA`` accumulated in the same pass (float64) that gives the
-scores (its diagonal). Padding and the first position (its massive activations) are left out. The result is a block of the standard config: a plain checkpoint with one
-layer fewer per merged pair.
+equations need only the Gram matrix ``AᵀA`` accumulated in the same pass that gives the scores
+(its diagonal): each batch's in float32 (at most a few thousand tokens, at the speed of a float32
+matrix product), the batches' sum in float64. Padding and the first position (its massive
+activations) are left out. The result is a block of the standard config: a plain checkpoint with
+one layer fewer per merged pair.
 
 Layouts: separate q/k/v/o and gate/up/down projections with pre-norms (Llama, Mistral, Qwen2, Gemma
 1: an RMSNorm of the form ``(1 + w)`` is detected and folded the same way). Refused, with the
@@ -127,9 +129,8 @@ class WideStats:
         def add(gram):
             def hook(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                x = x[mask_fn().reshape(-1).bool()]  # the tokens that count, (B, T) → (B·T,)
-                x = x.double()
-                gram.add_(x.T @ x)
+                x = x[mask_fn().reshape(-1).bool()].float()  # the tokens that count
+                gram.add_((x.T @ x).double())  # one batch summed in float32, batches in float64
 
             return hook
 

@@ -101,8 +101,13 @@ def refine(
         cum *= _scale_at(teacher, lp)
     for p, group in enumerate(composition):
         if flat and len(group) > 1:
-            blocks[p] = (_flatten(lp, p, group, report_),)
-            lp.stack = student = _with_blocks(student, blocks)
+            t_block = time.perf_counter()
+            blocks[p] = (flatten_block(lp, p, group),)
+            lp.stack = student = with_blocks(student, blocks)
+            took = time.perf_counter() - t_block
+            report_.flattened.append(
+                {"block": p, "sources": [s for s, _ in group], "seconds": took}
+            )
         scales[p] = cum
         cut = compensation != "none" and is_cut(group, ends[p])
         if not cut:
@@ -111,9 +116,9 @@ def refine(
             continue
         teacher.run(stop=ends[p] + 1)
         if compensation == "linear":
-            t = _linear_at(teacher, lp, p)
+            t = linear_at(teacher.hidden, lp, p)
             blocks[p] = tuple(term.corrected(mlp_map=t) for term in blocks[p])
-            lp.stack = student = _with_blocks(student, blocks)
+            lp.stack = student = with_blocks(student, blocks)
             eye = torch.eye(len(t), device=t.device)
             change = float((t - eye).norm() / eye.norm())
             report_.cuts.append({"block": p, "through": ends[p], "map_change": change})
@@ -131,10 +136,11 @@ def refine(
             for terms, s in zip(blocks, scales, strict=True)
         ]
     report_.seconds = time.perf_counter() - t0
-    return _with_blocks(student, blocks), report_
+    return with_blocks(student, blocks), report_
 
 
-def _with_blocks(stack: Stack, blocks) -> Stack:
+def with_blocks(stack: Stack, blocks) -> Stack:
+    """`stack` with its output blocks (tuples of terms) replaced."""
     return stack._derived(dataclasses.replace(stack.recipe, blocks=list(blocks)))
 
 
@@ -165,9 +171,10 @@ def _scale_at(teacher: LayerPass, lp: LayerPass) -> float:
 
 
 @torch.inference_mode()
-def _linear_at(teacher: LayerPass, lp: LayerPass, p: int) -> torch.Tensor:
+def linear_at(target: list[torch.Tensor], lp: LayerPass, p: int) -> torch.Tensor:
     """Run student block p, capturing its MLP output; solve the map T of its MLP output that
-    best reaches the teacher's state; continue the student from the corrected output."""
+    best reaches `target` (the teacher's hidden states, per batch); continue the student from
+    the corrected output."""
     captured: list[torch.Tensor] = []
 
     def hooks(j, block):
@@ -179,8 +186,8 @@ def _linear_at(teacher: LayerPass, lp: LayerPass, p: int) -> torch.Tensor:
     lp.run(stop=p + 1, hooks=hooks)
     d = lp.hidden[0].shape[-1]
     stats = CutStats(d, lp.stack.device)
-    for b, (m, out, target) in enumerate(zip(captured, lp.hidden, teacher.hidden, strict=True)):
-        stats.add(m, out - m, target, _real(lp, b))
+    for b, (m, out, goal) in enumerate(zip(captured, lp.hidden, target, strict=True)):
+        stats.add(m, out - m, goal, _real(lp, b))
     with torch.inference_mode(False):
         t = stats.linear_map().clone()
     lp.hidden = [
@@ -191,9 +198,9 @@ def _linear_at(teacher: LayerPass, lp: LayerPass, p: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _flatten(lp: LayerPass, p: int, group, rep: RefineReport) -> Term:
-    """Output block p (the layers of `group`, plain) flattened on the student's input."""
-    t0 = time.perf_counter()
+def flatten_block(lp: LayerPass, p: int, group) -> Term:
+    """Output block p (the layers of `group`, plain) flattened on the inputs `lp` holds (the
+    pass stands at block p; it is not advanced)."""
     stack = lp.stack
     recipe = stack.recipe
     if not all(t.plain for t in recipe.blocks[p]):
@@ -232,5 +239,4 @@ def _flatten(lp: LayerPass, p: int, group, rep: RefineReport) -> Term:
     state = fl.narrow_wide(wide, stats, heads, groups, neurons, head_dim)
     with torch.inference_mode(False):  # plain tensors: a built model may train them
         state = {name: t.to(states[0][name].dtype).clone() for name, t in state.items()}
-    rep.flattened.append({"block": p, "sources": srcs, "seconds": time.perf_counter() - t0})
     return Term(srcs[0], 1.0, given=state)

@@ -51,10 +51,12 @@ class CalibrationBatch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def subset(self, n: int) -> CalibrationBatch:
-        """`n` samples, evenly spaced over the batch (the same text, fewer samples)."""
+    def subset(self, n: int, between: bool = False) -> CalibrationBatch:
+        """`n` samples, evenly spaced over the batch (the same text, fewer samples); `between`:
+        the samples halfway between those (other samples when the batch has 2n or more)."""
         n = min(n, self.n_samples)
-        idx = [(i * self.n_samples) // n for i in range(n)]
+        half = 1 if between else 0
+        idx = [((2 * i + half) * self.n_samples) // (2 * n) for i in range(n)]
         return CalibrationBatch(
             self.input_ids[idx],
             self.attention_mask[idx],

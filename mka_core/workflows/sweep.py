@@ -232,14 +232,16 @@ class _Planned:
         if not PLANNERS.get(cfg.planner).greedy_prefix:
             plan, seconds, _ = self._plan(cfg)
             return plan, seconds
-        # the steps do not depend on how they are built: one run serves every merge mode and
-        # compensation of a spec
-        key = (cfg.planner, cfg.option)
+        # one run serves every merge mode and compensation of a spec, unless its search scores
+        # them (registry `scored`): then one per what it scores
+        planner = PLANNERS.get(cfg.planner)
+        scored = planner.scored(cfg.refine.merge, cfg.refine.compensation) if planner.scored else ""
+        key = (cfg.planner, cfg.option, scored)
         if key not in self.runs:
             error = None
             for b in sorted((b for b in budgets if b >= cfg.budget), reverse=True):
                 try:
-                    self.runs[key] = self._plan(Config(cfg.planner, cfg.option, b))
+                    self.runs[key] = self._plan(Config(cfg.planner, cfg.option, b, cfg.refine))
                     break
                 except PlanningTooLong as e:
                     error = e

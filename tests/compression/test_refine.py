@@ -15,7 +15,9 @@ from mka_core.cli.main import main
 from mka_core.compression import flatten as fl
 from mka_core.compression.compensate import spans
 from mka_core.compression.merge import apply_plan
-from mka_core.compression.plan import Plan, Step, make_plan
+from mka_core.compression.plan import Plan, Step, compose, make_plan
+from mka_core.compression.planners import PlanSettings, plan_layers
+from mka_core.compression.planners.search import calibration_loss
 from mka_core.compression.rebuild import refine
 from mka_core.compression.refinement import Refine
 from mka_core.data.corpus import builtin_corpus, make_calibration
@@ -188,11 +190,43 @@ def test_refined_plans_stream_like_they_build_in_memory(arch, tmp_path):
         torch.testing.assert_close(a.get(name), b.get(name), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compensation", ["none", "linear"])
+def test_mka_loss_flattened_merges_the_pair_whose_built_merge_costs_least(tiny, compensation):
+    """With --merge-mode flatten, mka-loss scores each pair flattened (and given its linear map)
+    exactly as `refine` builds it on the fitting samples: the step's score is the built model's
+    loss increase on the held-out samples, and no other pair's built merge costs less there."""
+    loaded, batch = tiny
+    settings = PlanSettings(
+        "mka-loss", n_remove=1, merge_mode="flatten", compensation=compensation, loss_samples=8
+    )
+    plan = plan_layers(loaded, None, batch, settings)
+    assert plan.method["alpha"] is None
+    assert plan.method["params"]["scored"] == (
+        "flatten+linear" if compensation == "linear" else "flatten"
+    )
+    fit, held = batch.subset(8), batch.subset(8, between=True)
+    base, n = as_stack(loaded.model), loaded.n_layers
+
+    def built_loss(a: int) -> float:
+        comp = compose(n, [Step.merge((a, a + 1), (0.5, 0.5))])
+        built, _ = refine(base, base.compose(comp), comp, fit, "flatten", compensation)
+        return calibration_loss(built, held)
+
+    (step,) = plan.steps
+    losses = {a: built_loss(a) for a in range(1, n - 2)}  # the first and last layers protected
+    assert losses[step.layers[0]] == pytest.approx(calibration_loss(base, held) + step.score)
+    assert losses[step.layers[0]] == pytest.approx(min(losses.values()))
+
+
 def test_what_cannot_be_built_is_refused_in_one_line(capsys, tmp_path):
     out = ["--out", str(tmp_path / "p.json")]
     cases = [
         (["--model", "tiny:olmo2", "--planner", "mka", "--merge-mode", "flatten"], "normalised"),
         (["--model", "tiny:phi3", "--planner", "mka", "--merge-mode", "flatten"], "fused"),
+        (
+            ["--model", "tiny:olmo2", "--planner", "mka-loss", "--merge-mode", "flatten"],
+            "normalised",
+        ),
         (
             ["--model", "tiny:llama", "--planner", "sleb", "--merge-mode", "flatten"],
             "does not merge",

@@ -195,3 +195,30 @@ def test_greedy_plans_are_prefixes_so_compare_plans_once(tiny, analysis):
         direct = make_budget_plan(tiny, analysis, name, n_remove=1)
         assert small.steps == direct.steps, name
         assert small.method["params"]["note"].startswith("the first 1 steps")
+
+
+def test_mka_loss_is_planned_once_per_what_its_search_scores(tiny, analysis):
+    """compare shares one mka-loss run between the specs whose search is the same (α-merges with
+    any compensation; flatten alone and with scale) and plans again when it scores otherwise
+    (flattened merges; flattened merges with their linear maps)."""
+    from mka_core.compression.refinement import Refine
+    from mka_core.workflows.sweep import Config, _Planned
+
+    planned = _Planned(tiny, analysis, 0.5, None, None)
+    got = {
+        r: planned.get(Config("mka-loss", None, 1, Refine(*r.split("+"))), [1])[0]
+        for r in (
+            "average+none",
+            "average+linear",
+            "flatten+none",
+            "flatten+scale",
+            "flatten+linear",
+        )
+    }
+    assert len(planned.runs) == 3
+    assert got["average+linear"].steps == got["average+none"].steps
+    assert got["average+none"].method["alpha"] == "search"
+    assert got["flatten+scale"].steps == got["flatten+none"].steps
+    assert got["flatten+scale"].refine == Refine("flatten", "scale")
+    assert got["flatten+none"].method["params"]["scored"] == "flatten"
+    assert got["flatten+linear"].method["params"]["scored"] == "flatten+linear"

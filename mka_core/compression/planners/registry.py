@@ -86,6 +86,9 @@ class Planner:
     # greedy: its plan for b layers is the first b steps of its plan for more, so compare plans
     # once at the largest budget
     greedy_prefix: bool = False
+    # what its search scores when the plan is built with (merge mode, compensation); None: the
+    # same steps however they are built. Compare plans it once per distinct answer.
+    scored: Callable[[str, str], str] | None = None
     takes_picks: bool = False  # plans the user's picks instead of a budget
     in_compare_default: bool = True  # one of compare's default planners
 
