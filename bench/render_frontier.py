@@ -52,7 +52,9 @@ def frontier_section(
         "side and pruned back with least-squares refits (FlattenGPT); `+linear`: ReplaceMe's "
         "least-squares map fused into the down projection below each cut; `+scale`: Prune&Comp's "
         "magnitude rescaling. *plan s* is the planner's own time (shared by every way of building "
-        "its plan); *build s* is the flattening/compensation pass and the build. A greedy "
+        "its plan, except mka-loss's flattened merges, which it searches as they are built: "
+        "`:flatten` alone, and `:flatten+linear` with each candidate's map fitted on the loss "
+        "samples and scored on as many others); *build s* is the flattening/compensation pass and the build. A greedy "
         "planner's smaller budgets reuse its largest plan, so their *plan s* is that whole run.",
         "",
     ]

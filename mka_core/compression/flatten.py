@@ -20,10 +20,11 @@ activations) are left out. The result is a block of the standard config: a plain
 one layer fewer per merged pair.
 
 Layouts: separate q/k/v/o and gate/up/down projections with pre-norms (Llama, Mistral, Qwen2, Gemma
-1: an RMSNorm of the form ``(1 + w)`` is detected and folded the same way). Refused, with the
-reason: norms on the outputs (OLMo-2, Gemma-2/3: what each layer writes is normalised on its own,
-which no single wide projection reproduces), per-head query/key norms (Qwen3: one norm weight per
-block, different in each layer), fused projections (Phi-3) and mixtures of experts.
+1: an RMSNorm of the form ``(1 + w)`` is detected and folded the same way), and fused ``qkv_proj`` /
+``gate_up_proj`` (Phi-3: split into their parts, flattened part by part, fused again). Refused,
+with the reason: norms on the outputs (OLMo-2, Gemma-2/3: what each layer writes is normalised on
+its own, which no single wide projection reproduces), per-head query/key norms (Qwen3: one norm
+weight per block, different in each layer) and mixtures of experts.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ RIDGE = 0.1  # λ relative to the kept units' mean Gram diagonal (1e-5 … 1 tri
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+FUSED = {  # a fused projection and its parts, in order
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+}
 _ALLOWED = {
     *_NORMS,
     *(f"self_attn.{p}.{k}" for p in _ATTN for k in ("weight", "bias")),
     *(f"mlp.{p}.{k}" for p in _MLP for k in ("weight", "bias")),
+    *(f"{p}.{k}" for p in FUSED for k in ("weight", "bias")),
 }
 
 
@@ -60,14 +66,16 @@ def flatten_problem(names: list[str]) -> str | None:
             "it normalises queries and keys with its own q_norm/k_norm (Qwen3, OLMo-2), and a "
             "flattened block has only one"
         )
-    if "self_attn.qkv_proj" in roots or "mlp.gate_up_proj" in roots:
-        return "its projections are fused (qkv_proj, gate_up_proj); flatten reads them separately"
     if any(".experts." in f".{n}" for n in names):
         return "it is a mixture of experts, whose experts of different layers do not correspond"
     extra = sorted(set(names) - _ALLOWED)
     missing = [
-        n for n in (*_NORMS, "self_attn.q_proj.weight", "mlp.down_proj.weight") if n not in names
+        n for n in (*_NORMS, "self_attn.o_proj.weight", "mlp.down_proj.weight") if n not in names
     ]
+    if not {"self_attn.q_proj.weight", "self_attn.qkv_proj.weight"} & set(names):
+        missing.append("self_attn.q_proj.weight")
+    if not {"mlp.gate_proj.weight", "mlp.gate_up_proj.weight"} & set(names):
+        missing.append("mlp.gate_proj.weight")
     if extra or missing:
         what = f"holds {', '.join(extra[:3])}" if extra else f"lacks {', '.join(missing[:3])}"
         return f"it {what}, outside the q/k/v/o and gate/up/down layout flatten knows"
@@ -84,6 +92,41 @@ def norm_offset(norm_cls, d: int, eps: float) -> float:
     with torch.no_grad():
         norm.weight.zero_()
         return float(norm(torch.ones(1, d)).mean())
+
+
+def unfuse(state: dict, sizes: dict[str, list[int]]) -> dict:
+    """A block's tensors with its fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``) split
+    into their parts' names; `sizes`: each fused projection's part sizes (rows), in order."""
+    out = {}
+    for name, t in state.items():
+        root, _, kind = name.rpartition(".")
+        if root in FUSED:
+            group = root.rpartition(".")[0]
+            for part, chunk in zip(FUSED[root], t.split(sizes[root]), strict=True):
+                out[f"{group}.{part}.{kind}"] = chunk
+        else:
+            out[name] = t
+    return out
+
+
+def fuse(state: dict, fused: bool) -> dict:
+    """The inverse of `unfuse` (when the block's layout is `fused`): the parts concatenated."""
+    if not fused:
+        return state
+    out = dict(state)
+    for root, parts in FUSED.items():
+        group = root.rpartition(".")[0]
+        for kind in ("weight", "bias"):
+            names = [f"{group}.{part}.{kind}" for part in parts]
+            if names[0] in out:
+                out[f"{root}.{kind}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def fused_sizes(q: int, kv: int, width: int) -> dict[str, list[int]]:
+    """The part sizes of the fused projections of a block with q query rows, kv key (and value)
+    rows and `width` MLP neurons."""
+    return {"self_attn.qkv_proj": [q, kv, kv], "mlp.gate_up_proj": [width, width]}
 
 
 def wide_state(states: list[dict[str, torch.Tensor]], offset: float) -> dict[str, torch.Tensor]:

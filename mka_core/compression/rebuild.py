@@ -217,13 +217,17 @@ def flatten_block(lp: LayerPass, p: int, group) -> Term:
     offset = fl.norm_offset(
         type(layer.input_layernorm), d, float(getattr(cfg, "rms_norm_eps", 1e-6))
     )
-    wide = fl.wide_state(states, offset)
     k = len(srcs)
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = recipe.head_dim
     width = int(cfg.intermediate_size)
-    blk = fl.build_block(type(layer), fl.wide_config(cfg, k), kw, wide, stack.device, stack.dtype)
+    fused = any(name.startswith(tuple(fl.FUSED)) for name in states[0])
+    sizes = fl.fused_sizes(n_heads * head_dim, n_kv * head_dim, width)
+    wide = fl.wide_state([fl.unfuse(s, sizes) for s in states], offset)
+    blk = fl.build_block(
+        type(layer), fl.wide_config(cfg, k), kw, fl.fuse(wide, fused), stack.device, stack.dtype
+    )
     stats = fl.WideStats(k * n_heads * head_dim, k * width, stack.device)
     handles = stats.hooks(blk, lambda: _real(lp, lp.current))
     try:
@@ -236,7 +240,7 @@ def flatten_block(lp: LayerPass, p: int, group) -> Term:
             handle.remove()
     del blk
     heads, groups, neurons = fl.choose(stats, k, n_heads, n_kv, head_dim, width)
-    state = fl.narrow_wide(wide, stats, heads, groups, neurons, head_dim)
+    state = fl.fuse(fl.narrow_wide(wide, stats, heads, groups, neurons, head_dim), fused)
     with torch.inference_mode(False):  # plain tensors: a built model may train them
         state = {name: t.to(states[0][name].dtype).clone() for name, t in state.items()}
     return Term(srcs[0], 1.0, given=state)
