@@ -58,6 +58,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
     cost = _read(out / "cost.csv")
     layers = _read(out / "cost_layers.csv")
     app = _read(out / "app.csv")
+    frontier_rows = _read(out / "frontier.csv")
     fixed_alpha = settings.get("fixed_alpha")
     budgets = sorted({r["layers_removed"] for r in quality if r["layers_removed"]})
     command = run.get("command", "python -m bench.run")
@@ -132,6 +133,13 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         L += ["## Quality", ""]
         L += ["### Reading", ""]
         L += _reading_quality(quality, budgets, fixed_alpha)
+        if frontier_rows:
+            L += [
+                "",
+                "These are the methods as their papers build them (merges by weight averaging, "
+                "removals uncorrected). “Quality frontier” below builds merges by flattening and "
+                "corrects removals, at the same budgets on the same data.",
+            ]
         mvd = _reading_merge_vs_drop(quality, budgets, fixed_alpha)
         if mvd:
             L += [
@@ -191,9 +199,7 @@ def render(out: Path = DEFAULT_OUT, md: Path | None = None, figures: bool = True
         L += img("quality_fidelity", "KL and top-1 agreement")
         L += img("quality_size_speed", "parameters and decode speed")
 
-    L += frontier_section(
-        _read(out / "frontier.csv"), quality, read_json(out / "frontier_cost.json", None)
-    )
+    L += frontier_section(frontier_rows, quality, read_json(out / "frontier_cost.json", None))
 
     # -- cost
     if cost:
