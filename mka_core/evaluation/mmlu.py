@@ -59,12 +59,17 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _last_logits(model, tokenizer, encoded, letter_ids, batch_size, progress) -> torch.Tensor:
-    """(n_questions, 4): the letters' logits after each prompt."""
-    ids, mask = _padded(encoded, _pad_id(tokenizer))
+def _run(model, tokenizer, rows, batch_size, progress):
+    """(stack, pass): `rows` of token ids, right-padded, run through every block of `model`."""
+    ids, mask = _padded(rows, _pad_id(tokenizer))
     stack = as_stack(model)
     lp = LayerPass.start(stack, ids, mask, batch_size=batch_size)
-    lp.run(progress=progress, label="MMLU: ")
+    return stack, lp.run(progress=progress, label="MMLU: ")
+
+
+def _last_logits(model, tokenizer, encoded, letter_ids, batch_size, progress) -> torch.Tensor:
+    """(n_questions, 4): the letters' logits after each prompt."""
+    stack, lp = _run(model, tokenizer, encoded, batch_size, progress)
     out = []
     with stack.head() as (_, logits):
         for b, h in zip(lp.batches, lp.normed(), strict=True):
@@ -79,10 +84,7 @@ def _continuation_logprobs(model, tokenizer, encoded, conts, batch_size, progres
     question and letter (what lm-eval's multiple-choice accuracy compares)."""
     rows = [e + c[:-1] for e in encoded for c in conts]
     targets = [(len(e) - 1, c) for e in encoded for c in conts]
-    ids, mask = _padded(rows, _pad_id(tokenizer))
-    stack = as_stack(model)
-    lp = LayerPass.start(stack, ids, mask, batch_size=batch_size)
-    lp.run(progress=progress, label="MMLU: ")
+    stack, lp = _run(model, tokenizer, rows, batch_size, progress)
     scores = []
     with stack.head() as (_, logits):
         r = 0

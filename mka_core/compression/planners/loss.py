@@ -59,6 +59,19 @@ def plan_sleb(loaded, small, n_remove: int, protected: set[int], progress=None) 
     return state.steps
 
 
+def _mergeable(groups: list[list[int]], protected: set[int], done: int) -> list[int]:
+    """The output positions p whose group and the next one are both unprotected (refused in one
+    line when there are none, after `done` merges)."""
+    pairs = [
+        p
+        for p in range(len(groups) - 1)
+        if not protected.intersection(groups[p]) and not protected.intersection(groups[p + 1])
+    ]
+    if not pairs:
+        raise MkaInputError(f"mka-loss: no mergeable adjacent pair left after {done} merges")
+    return pairs
+
+
 def plan_mka_loss(loaded, small, n_remove: int, protected: set[int], progress=None) -> list[Step]:
     """MKA by measured merge loss: n_remove times, merge the adjacent pair whose merge (at
     α = 0.5, a first look) raises the calibration loss least, then give that merge the α that
@@ -68,13 +81,7 @@ def plan_mka_loss(loaded, small, n_remove: int, protected: set[int], progress=No
     n = state.n_layers
     for r in range(n_remove):
         groups = state.groups
-        pairs = [
-            p
-            for p in range(len(groups) - 1)
-            if not protected.intersection(groups[p]) and not protected.intersection(groups[p + 1])
-        ]
-        if not pairs:
-            raise MkaInputError(f"mka-loss: no mergeable adjacent pair left after {r} merges")
+        pairs = _mergeable(groups, protected, r)
 
         def merged(p: int, x: float, groups=groups):
             pair = [groups[p][0], groups[p + 1][0]]
@@ -134,13 +141,7 @@ def plan_mka_flat(
     for r in range(n_remove):
         comp = compose(n, steps)
         groups = [[i for i, _ in g] for g in comp]
-        pairs = [
-            p
-            for p in range(len(groups) - 1)
-            if not protected.intersection(groups[p]) and not protected.intersection(groups[p + 1])
-        ]
-        if not pairs:
-            raise MkaInputError(f"mka-loss: no mergeable adjacent pair left after {r} merges")
+        pairs = _mergeable(groups, protected, r)
         now = _flat_view(base, comp, built)
         fitting, fit_in = every_block_input(now, fit)
         scoring, held_in = every_block_input(now, held)
